@@ -1,0 +1,9 @@
+"""Figures for the series. Every figure a student may put in a report is made here.
+
+``common`` holds :func:`save_figure` (PNG at 200 dpi and PDF into ``report/figures/``) and small
+drawing helpers; the other modules hold the figures of one topic each.
+"""
+
+from helpers.viz.common import add_colorbar, new_figure, save_figure
+
+__all__ = ["add_colorbar", "new_figure", "save_figure"]

@@ -1,0 +1,51 @@
+"""Saving figures for the report, and small drawing helpers shared by the topic modules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from helpers import config
+
+DPI = 200
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip()).strip("_")
+    if not slug:
+        raise ValueError("a figure needs a non-empty name")
+    return slug.removesuffix(".png").removesuffix(".pdf")
+
+
+def save_figure(fig, name: str, folder: str | Path | None = None) -> list[Path]:
+    """Save ``fig`` as ``<name>.png`` (200 dpi) and ``<name>.pdf`` into ``report/figures/``.
+
+    Returns the two paths. Each file is written to a temporary name first and then renamed, so an
+    interrupted save never leaves a broken figure behind.
+    """
+    from helpers.fileio import atomic_path
+
+    out_dir = Path(folder) if folder is not None else config.figures_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _slug(name)
+    paths = []
+    for ext in ("png", "pdf"):
+        target = out_dir / f"{stem}.{ext}"
+        with atomic_path(target, suffix=f".{ext}") as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=ext)
+        paths.append(target)
+    return paths
+
+
+def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 4.0, **kwargs):
+    """``plt.subplots`` with a size per panel in inches; returns ``(fig, axes)``."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), **kwargs)
+
+
+def add_colorbar(fig, mappable, ax, label: str):
+    """A colour bar beside ``ax`` with a label (units!)."""
+    cbar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(label)
+    return cbar
