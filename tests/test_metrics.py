@@ -1,0 +1,401 @@
+"""Counting and localization metrics against hand-computed cases and brute force."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+
+import numpy as np
+import pytest
+
+from helpers import metrics
+
+# --------------------------------------------------------------------------- counting
+
+
+def test_mae_rmse_mre_by_hand():
+    pred = [10.0, 20.0, 30.0, 3.0]
+    true = [12.0, 20.0, 25.0, 0.0]
+    # errors -2, 0, 5, 3
+    assert metrics.mae(pred, true) == pytest.approx((2 + 0 + 5 + 3) / 4)
+    assert metrics.rmse(pred, true) == pytest.approx(math.sqrt((4 + 0 + 25 + 9) / 4))
+    # the image with true count 0 is left out of the relative error
+    assert metrics.mean_relative_error(pred, true) == pytest.approx((2 / 12 + 0 / 20 + 5 / 25) / 3)
+
+
+def test_rmse_docstring_names_the_papers_mse():
+    doc = metrics.rmse.__doc__
+    assert '"MSE"' in doc and "square root" in doc
+
+
+def test_counting_summary():
+    s = metrics.counting_summary([11, 9, 14], [10, 10, 10])
+    assert s["n"] == 3 and s["n_mre"] == 3
+    assert s["mae"] == pytest.approx(2.0)
+    assert s["rmse"] == pytest.approx(math.sqrt((1 + 1 + 16) / 3))
+    assert s["mre"] == pytest.approx(0.2)
+    assert s["mean_true"] == pytest.approx(10.0)
+    assert s["mean_pred"] == pytest.approx(34 / 3)
+    assert s["bias"] == pytest.approx(4 / 3)
+
+
+def test_counting_edge_cases():
+    assert math.isnan(metrics.mae([], []))
+    assert math.isnan(metrics.rmse([], []))
+    assert math.isnan(metrics.mean_relative_error([1.0, 2.0], [0.0, 0.0]))
+    assert metrics.counting_summary([], [])["n"] == 0
+    with pytest.raises(ValueError, match="one value per image"):
+        metrics.mae([1, 2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.rmse([np.nan], [1])
+
+
+# --------------------------------------------------------------------------- GAME
+
+PRED_4X4 = np.array(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 2.0],
+        [0.0, 0.0, 0.0, 0.0],
+        [0.5, 0.0, 0.0, 1.0],
+    ]
+)
+# (x, y): pixels (row, col) = (0,0), (1,3), (3,1), (2,2), (0,3)
+POINTS_4X4 = np.array([[0.5, 0.5], [3.2, 1.9], [1.5, 3.5], [2.5, 2.5], [3.9, 0.1]])
+
+
+def test_game_hand_made_4x4():
+    # L0: |4.5 - 5|.  L1 quadrants: pred 1, 2, 0.5, 1 vs true 1, 2, 1, 1.
+    # L2 per pixel: (1,3) 2 vs 1, (3,0) 0.5 vs 0, (3,3) 1 vs 0, and misses at (3,1), (2,2), (0,3).
+    assert metrics.game(PRED_4X4, POINTS_4X4, 0) == pytest.approx(0.5)
+    assert metrics.game(PRED_4X4, POINTS_4X4, 1) == pytest.approx(0.5)
+    assert metrics.game(PRED_4X4, POINTS_4X4, 2) == pytest.approx(1 + 0.5 + 1 + 1 + 1 + 1)
+    levels = metrics.game_levels(PRED_4X4, POINTS_4X4, levels=(0, 1, 2))
+    assert levels == pytest.approx({0: 0.5, 1: 0.5, 2: 5.5})
+    pred_r, true_r = metrics.game_regions(PRED_4X4, POINTS_4X4, 1)
+    np.testing.assert_allclose(pred_r, [[1, 2], [0.5, 1]])
+    np.testing.assert_allclose(true_r, [[1, 2], [1, 1]])
+
+
+def test_game_truth_density_equals_points():
+    true_density = np.zeros((4, 4))
+    for x, y in POINTS_4X4:
+        true_density[int(y), int(x)] += 1
+    for level in (0, 1, 2):
+        assert metrics.game(PRED_4X4, true_density, level) == pytest.approx(
+            metrics.game(PRED_4X4, POINTS_4X4, level)
+        )
+    assert metrics.game(true_density, POINTS_4X4, 2) == 0.0
+
+
+def test_grid_edges_like_array_split():
+    np.testing.assert_array_equal(metrics.grid_edges(10, 4), [0, 3, 6, 8, 10])
+    np.testing.assert_array_equal(metrics.grid_edges(5, 2), [0, 3, 5])
+    np.testing.assert_array_equal(metrics.grid_edges(2, 4), [0, 1, 2, 2, 2])
+    for size, parts in [(10, 4), (7, 8), (1024, 8), (13, 3)]:
+        sizes = np.diff(metrics.grid_edges(size, parts))
+        expected = [len(a) for a in np.array_split(np.arange(size), parts)]
+        assert sizes.tolist() == expected
+
+
+def test_game_non_divisible_image():
+    # 5 x 5 image split 3 + 2: region pixel counts 9, 6 / 6, 4.
+    pred = np.ones((5, 5))
+    pts = np.array([[4.5, 4.5]] * 25)
+    pred_r, true_r = metrics.game_regions(pred, pts, 1)
+    np.testing.assert_allclose(pred_r, [[9, 6], [6, 4]])
+    np.testing.assert_allclose(true_r, [[0, 0], [0, 25]])
+    assert metrics.game(pred, pts, 1) == pytest.approx(9 + 6 + 6 + 21)
+    assert metrics.game(pred, pts, 0) == pytest.approx(0.0)
+    # row boundary at y = 3: y = 2.99 is in the top half, y = 3.0 in the bottom half
+    _, top = metrics.game_regions(np.zeros((5, 5)), [[0.0, 2.99]], 1)
+    _, bottom = metrics.game_regions(np.zeros((5, 5)), [[0.0, 3.0]], 1)
+    assert top[0, 0] == 1 and bottom[1, 0] == 1
+    # points outside the image are counted in the nearest border region
+    _, outside = metrics.game_regions(np.zeros((5, 5)), [[-1.0, 7.0]], 1)
+    np.testing.assert_allclose(outside, [[0, 0], [1, 0]])
+
+
+def test_game_stride_matches_upsampled_when_aligned():
+    rng = np.random.default_rng(1)
+    small = rng.random((4, 8))
+    full = np.kron(small, np.ones((4, 4))) / 16  # same mass at image resolution 16 x 32
+    pts = rng.uniform(0, [32, 16], size=(30, 2))
+    for level in (0, 1, 2):
+        assert metrics.game(small, pts, level, image_shape=(16, 32), stride=4) == pytest.approx(
+            metrics.game(full, pts, level)
+        )
+    # stride inferred from image_shape / map shape, and image_shape inferred from stride
+    assert metrics.game(small, pts, 2, image_shape=(16, 32)) == pytest.approx(metrics.game(full, pts, 2))
+    assert metrics.game(small, pts, 2, stride=4) == pytest.approx(metrics.game(full, pts, 2))
+
+
+def test_game_stride_cell_centres_by_hand():
+    # One cell of stride 4 covering a 4 x 4 image: centre (2, 2) is in the bottom-right quadrant.
+    one = np.ones((1, 1))
+    assert metrics.game(one, [[3.0, 3.0]], 1, image_shape=(4, 4), stride=4) == 0.0
+    assert metrics.game(one, [[1.0, 1.0]], 1, image_shape=(4, 4), stride=4) == 2.0
+    # 10 x 10 image, stride 4, map 3 x 3 (zero-padded, as helpers.density.downsample_density):
+    # centres 2, 6, 10; halves [0, 5) and [5, 10); the centre at 10 (beyond the image) goes to
+    # the last half. Rows/cols {0} and {1, 2}.
+    d = np.arange(9.0).reshape(3, 3)
+    pred_r, _ = metrics.game_regions(d, None, 1, image_shape=(10, 10), stride=4)
+    np.testing.assert_allclose(pred_r, [[0, 1 + 2], [3 + 6, 4 + 5 + 7 + 8]])
+    # 9 x 9 image: stride 4 gives centres 2, 6, 10 -> {0}, {1, 2}; the stretched map
+    # (stride None: 9 / 3 = 3) gives centres 1.5, 4.5, 7.5 -> {0, 1}, {2} (halves [0, 5), [5, 9)).
+    pred_r, _ = metrics.game_regions(d, None, 1, image_shape=(9, 9), stride=4)
+    np.testing.assert_allclose(pred_r, [[0, 3], [9, 24]])
+    pred_r, _ = metrics.game_regions(d, None, 1, image_shape=(9, 9))
+    np.testing.assert_allclose(pred_r, [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]])
+
+
+def test_game_level0_is_count_error_and_mean_game_is_mae():
+    rng = np.random.default_rng(2)
+    preds, truths, shapes = [], [], []
+    for k in range(5):
+        h, w = 37 + k, 53 - k
+        preds.append(rng.random((-(-h // 8), -(-w // 8))))
+        truths.append(rng.uniform(0, [w, h], size=(k * 7, 2)))
+        shapes.append((h, w, 3))
+    res = metrics.mean_game(preds, truths, levels=(0, 1, 2, 3), image_shapes=shapes, stride=8)
+    expected_mae = metrics.mae([p.sum() for p in preds], [len(t) for t in truths])
+    assert res[0] == pytest.approx(expected_mae)
+    assert res[0] <= res[1] + 1e-9 <= res[2] + 2e-9 <= res[3] + 3e-9  # finer grids never lower
+    assert math.isnan(metrics.mean_game([], [])[0])
+
+
+def test_game_bad_input():
+    with pytest.raises(ValueError, match="level"):
+        metrics.game(PRED_4X4, POINTS_4X4, -1)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.game(np.full((2, 2), np.nan), POINTS_4X4, 0)
+    with pytest.raises(ValueError, match="truth_kind"):
+        metrics.game(PRED_4X4, POINTS_4X4, 0, truth_kind="heads")
+
+
+# --------------------------------------------------------------------------- peaks
+
+
+def _blobs(shape, centres, amps, sigma=1.5, stride=1.0):
+    """Unnormalised Gaussians of height ``amp`` at image points ``(x, y)``, sampled at cell centres."""
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    yc, xc = (rows + 0.5) * stride, (cols + 0.5) * stride
+    d = np.zeros(shape)
+    for (x, y), a in zip(centres, amps, strict=True):
+        d += a * np.exp(-((xc - x) ** 2 + (yc - y) ** 2) / (2 * (sigma * stride) ** 2))
+    return d
+
+
+def _nearest(found, centre):
+    return np.min(np.hypot(found[:, 0] - centre[0], found[:, 1] - centre[1]))
+
+
+def test_find_peaks_recovers_blob_centres():
+    centres = [(12.6, 10.3), (35.2, 25.9), (8.1, 30.5)]
+    d = _blobs((40, 50), centres, [1.0, 0.8, 0.1])
+    found = metrics.find_peaks(d, threshold=0.01, min_distance=3)
+    assert found.shape == (3, 2)
+    for c in centres:
+        assert _nearest(found, c) <= 1.0
+    # strongest first
+    assert _nearest(found[:1], centres[0]) <= 1.0
+    # the threshold removes the weak blob (height ~0.1)
+    strong = metrics.find_peaks(d, threshold=0.3, min_distance=3)
+    assert strong.shape == (2, 2)
+    assert _nearest(strong, centres[2]) > 10
+
+
+def test_find_peaks_stride_maps_to_image_pixels():
+    centres = [(50.0, 30.0), (100.0, 90.0)]
+    d = _blobs((16, 20), centres, [1.0, 1.0], sigma=1.0, stride=8.0)
+    found = metrics.find_peaks(d, threshold=0.1, min_distance=2, stride=8)
+    assert found.shape == (2, 2)
+    for c in centres:
+        assert _nearest(found, c) <= 4 * math.sqrt(2)  # within half a cell on each axis
+    # coordinates are cell centres: (j + 0.5) * 8
+    assert np.all(((found / 8) - 0.5) % 1 == 0)
+
+
+def test_find_peaks_zeros_plateaus_and_min_distance():
+    z = metrics.find_peaks(np.zeros((8, 8)), threshold=0, min_distance=2)
+    assert z.shape == (0, 2) and not np.isnan(z).any()
+    assert metrics.peaks_by_count(np.zeros((8, 8))).shape == (0, 2)
+    plateau = np.zeros((5, 5))
+    plateau[2, 1:3] = 1.0  # two equal neighbouring cells: one head
+    np.testing.assert_allclose(metrics.find_peaks(plateau, 0.5, min_distance=1), [[1.5, 2.5]])
+    assert len(metrics.find_peaks(plateau, 0.5, min_distance=0)) == 2
+    # two blobs 4 cells apart: min_distance 5 keeps only the stronger one
+    d = _blobs((20, 20), [(8.5, 10.5), (12.5, 10.5)], [1.0, 0.9], sigma=0.8)
+    assert len(metrics.find_peaks(d, 0.1, min_distance=2)) == 2
+    np.testing.assert_allclose(metrics.find_peaks(d, 0.1, min_distance=5), [[8.5, 10.5]])
+    with pytest.raises(ValueError, match="min_distance"):
+        metrics.find_peaks(d, 0.1, min_distance=-1)
+
+
+def test_peaks_by_count_keeps_round_sum_strongest():
+    centres = [(10.5, 10.5), (30.5, 12.5), (20.5, 30.5), (40.5, 35.5)]
+    d = _blobs((45, 50), centres, [1.0, 0.9, 0.8, 0.7], sigma=1.2)
+    d *= 3.0 / d.sum()  # the map says 3 people: the weakest blob is dropped
+    found = metrics.peaks_by_count(d, min_distance=2)
+    assert found.shape == (3, 2)
+    np.testing.assert_allclose(found, centres[:3])
+    assert len(metrics.peaks_by_count(d, min_distance=2, count=10)) == 4  # only 4 maxima exist
+
+
+# --------------------------------------------------------------------------- matching
+
+
+def test_hungarian_beats_greedy():
+    true = np.array([[0.0, 0.0], [2.0, 0.0]])
+    # p0 is nearest to t0 (0.9) but is the only prediction that can reach t1 (1.1);
+    # p1 reaches only t0 (1.5; t1 is 3.5 away).
+    pred = np.array([[0.9, 0.0], [-1.5, 0.0]])
+    greedy = metrics.match_points(pred, true, 2.0, method="greedy")
+    assert (greedy.tp, greedy.fp, greedy.fn) == (1, 1, 1)
+    np.testing.assert_array_equal(greedy.pairs, [[0, 0]])
+    best = metrics.match_points(pred, true, 2.0)
+    assert (best.tp, best.fp, best.fn) == (2, 0, 0)
+    np.testing.assert_array_equal(best.pairs, [[0, 1], [1, 0]])
+    tp, fp, fn, pairs = best  # unpacks as a 4-tuple
+    assert tp == 2 and pairs.dtype == np.int64
+
+
+def test_hungarian_prefers_nearer_pairs_among_maximum_matchings():
+    true = np.array([[0.0, 0.0], [10.0, 0.0]])
+    pred = np.array([[9.0, 0.0], [1.0, 0.0]])  # the crossing assignment is 18 px, the straight one 2
+    m = metrics.match_points(pred, true, 20.0)
+    np.testing.assert_array_equal(m.pairs, [[0, 1], [1, 0]])
+
+
+def test_radius_boundary_is_inclusive():
+    true = np.array([[0.0, 0.0]])
+    pred = np.array([[3.0, 4.0]])  # distance exactly 5
+    assert metrics.match_points(pred, true, 5.0).tp == 1
+    assert metrics.match_points(pred, true, 5.0, method="greedy").tp == 1
+    assert metrics.match_points(pred, true, 4.999).tp == 0
+    assert metrics.match_points(true, true, 0.0).tp == 1  # coincident points at radius 0
+
+
+def test_empty_sets():
+    none = np.zeros((0, 2))
+    pts = np.array([[1.0, 1.0], [5.0, 5.0]])
+    m = metrics.match_points(none, none, 4)
+    assert (m.tp, m.fp, m.fn) == (0, 0, 0) and m.pairs.shape == (0, 2)
+    assert metrics.localization_scores(None, [], 4) == {
+        "precision": 1.0, "recall": 1.0, "f1": 1.0, "tp": 0, "fp": 0, "fn": 0
+    }
+    # no predictions: recall 0, precision defined (0), f1 0
+    s = metrics.localization_scores(none, pts, 4)
+    assert s == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 2}
+    # predictions but no heads
+    s = metrics.localization_scores(pts, none, 4)
+    assert s == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 2, "fn": 0}
+
+
+def test_all_misses_and_duplicates():
+    true = np.array([[0.0, 0.0], [50.0, 50.0]])
+    far = np.array([[20.0, 0.0], [0.0, 30.0], [80.0, 80.0]])
+    s = metrics.localization_scores(far, true, 8)
+    assert (s["tp"], s["fp"], s["fn"]) == (0, 3, 2) and s["f1"] == 0.0
+    dup = np.array([[0.5, 0.0], [0.0, 0.5], [0.5, 0.5]])  # three predictions on one head
+    for method in metrics.METHODS:
+        s = metrics.localization_scores(dup, true, 8, method=method)
+        assert (s["tp"], s["fp"], s["fn"]) == (1, 2, 1)
+        assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 2)
+        assert s["f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 1))
+
+
+def _brute_force(pred, true, radius):
+    """Maximum number of pairs within radius, and the least total distance among such matchings."""
+    m, n = len(pred), len(true)
+    if m == 0 or n == 0:
+        return 0, 0.0
+    d = np.hypot(pred[:, None, 0] - true[None, :, 0], pred[:, None, 1] - true[None, :, 1])
+    best = (0, 0.0)
+    if m <= n:  # every matching extends to a one-to-one map of the smaller side into the larger
+        assignments = ((range(m), perm) for perm in itertools.permutations(range(n), m))
+    else:
+        assignments = ((perm, range(n)) for perm in itertools.permutations(range(m), n))
+    for rows, cols in assignments:
+        ok = [(i, j) for i, j in zip(rows, cols, strict=True) if d[i, j] <= radius]
+        key = (len(ok), sum(d[i, j] for i, j in ok))
+        if key[0] > best[0] or (key[0] == best[0] and key[1] < best[1]):
+            best = key
+    return best
+
+
+def test_random_small_cases_against_brute_force():
+    rng = np.random.default_rng(3)
+    greedy_short = 0
+    for _ in range(250):
+        m, n = rng.integers(0, 7, size=2)
+        pred = rng.uniform(0, 10, size=(m, 2))
+        true = rng.uniform(0, 10, size=(n, 2))
+        radius = float(rng.uniform(1, 5))
+        best_tp, best_dist = _brute_force(pred, true, radius)
+        hung = metrics.match_points(pred, true, radius)
+        assert hung.tp == best_tp
+        assert hung.fp == m - best_tp and hung.fn == n - best_tp
+        dist = np.hypot(*(pred[hung.pairs[:, 0]] - true[hung.pairs[:, 1]]).T)
+        assert np.all(dist <= radius)
+        assert len(set(hung.pairs[:, 0])) == len(set(hung.pairs[:, 1])) == hung.tp
+        assert dist.sum() == pytest.approx(best_dist, abs=1e-9)
+        # the sparse fallback (Hopcroft-Karp) finds as many pairs
+        assert metrics.match_points(pred, true, radius, dense_limit=0).tp == best_tp
+        greedy = metrics.match_points(pred, true, radius, method="greedy")
+        assert greedy.tp <= best_tp
+        greedy_short += greedy.tp < best_tp
+    assert greedy_short > 0  # the random cases include some where greedy falls short
+
+
+def test_large_matching_is_fast_and_consistent():
+    rng = np.random.default_rng(4)
+    # 3000 heads on a jittered 4-px grid: one big connected group at radius 8
+    gy, gx = np.mgrid[0:50, 0:60]
+    true = np.column_stack([gx.ravel(), gy.ravel()]).astype(float) * 4
+    pred = true + rng.normal(0, 2.5, size=true.shape)
+    pred = np.vstack([pred, rng.uniform(0, 240, size=(200, 2))])
+    start = time.perf_counter()
+    hung = metrics.match_points(pred, true, 8.0)
+    seconds = time.perf_counter() - start
+    sparse = metrics.match_points(pred, true, 8.0, dense_limit=0)
+    assert hung.tp == sparse.tp
+    assert hung.tp + hung.fn == len(true) and hung.tp + hung.fp == len(pred)
+    assert seconds < 5.0
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def test_scores_from_counts_by_hand():
+    s = metrics.scores_from_counts(3, 1, 2)
+    assert s["precision"] == pytest.approx(0.75)
+    assert s["recall"] == pytest.approx(0.6)
+    assert s["f1"] == pytest.approx(2 * 0.75 * 0.6 / (0.75 + 0.6))
+
+
+def test_localization_over_radii():
+    res = metrics.localization_over_radii([[0.0, 0.0]], [[1.5, 0.0]], radii=(1, 2, 4))
+    assert res["per_radius"][1.0]["tp"] == 0
+    assert res["per_radius"][2.0]["tp"] == 1 and res["per_radius"][4.0]["tp"] == 1
+    assert res["f1"] == pytest.approx(2 / 3)
+    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
+
+
+def test_accumulator_is_micro_average():
+    acc = metrics.LocalizationAccumulator(radii=(4,))
+    pts = np.array([[0.0, 0.0], [20.0, 20.0]])
+    acc.add(pts, pts)  # tp 2
+    acc.add(None, np.array([[1.0, 1.0], [2.0, 9.0], [9.0, 2.0]]))  # fn 3
+    s = acc.scores()
+    assert s["images"] == 2
+    per = s["per_radius"][4.0]
+    assert (per["tp"], per["fp"], per["fn"]) == (2, 0, 3)
+    assert s["precision"] == pytest.approx(1.0)
+    assert s["recall"] == pytest.approx(2 / 5)
+    assert s["f1"] == pytest.approx(4 / 7)  # the mean of per-image F1s would be 0.5
+    same = metrics.dataset_localization(
+        [pts, None], [pts, np.array([[1.0, 1.0], [2.0, 9.0], [9.0, 2.0]])], radii=(4,)
+    )
+    assert same == s
