@@ -1,0 +1,207 @@
+"""Saving and loading checkpoints safely, and rebuilding a trained model for inference.
+
+A checkpoint is a ``dict`` written with ``torch.save`` to a temporary file and renamed over the
+target (:func:`helpers.fileio.atomic_path`): a crash or a kill during the write leaves the previous
+file intact, never a truncated one.
+
+Reading always uses ``torch.load(..., weights_only=True)``. A ``.pt`` file is a pickle, and
+unpickling an arbitrary file can run arbitrary code; ``weights_only`` only rebuilds tensors and
+plain Python data (dicts, lists, numbers, strings), so a file containing pickled code is refused.
+That is why the training loop stores everything (random-number-generator states included) as
+tensors and plain types.
+
+The training loop (:mod:`helpers.train`) writes these keys; :func:`load_model` needs the first
+three::
+
+    model         state dict of the network (without a DistributedDataParallel "module." prefix)
+    model_name    "heatmap_cnn" or "csrnet" (helpers.models.build_model)
+    model_kwargs  constructor arguments, e.g. {"width": 32}
+    scale         density scale factor: the network predicts density x scale
+    epoch, step, best_val_mae, config, ...
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from helpers.errors import CheckpointError
+
+#: Constructor arguments that only matter when a model is first created (ImageNet weights for the
+#: CSRNet frontend); a checkpoint holds all weights, so they are dropped when rebuilding.
+INIT_ONLY_KWARGS = ("pretrained",)
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically with ``torch.save``; returns the path."""
+    import torch
+
+    from helpers.fileio import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(checkpoint, tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint dict with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` when the file is missing, is not a PyTorch checkpoint
+    (truncated, corrupt), contains pickled Python objects other than tensors and plain data
+    (refused: loading them could run code), or does not hold a dict.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. Train a model first (python -m helpers.train "
+            "--out ...), or check the path (a run folder holds last.pt and best.pt)."
+        )
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"Refusing to load {path}: it contains pickled Python objects that are not tensors "
+            f"or plain data ({first}). Unpickling such a file could run arbitrary code. Only use "
+            "checkpoints written by helpers.train, or re-save the weights as a plain state dict "
+            "from a source you trust."
+        ) from exc
+    except Exception as exc:  # zip/EOF/format errors: torch raises several types
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}). The file "
+            "is probably truncated or corrupt; use the other checkpoint of the run (best.pt or "
+            "last.pt) or train again."
+        ) from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(obj).__name__}, not a checkpoint dict; it was not written by "
+            "helpers.train."
+        )
+    return obj
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`load_model` found besides the weights.
+
+    Divide the model's output by ``scale`` to get people per output cell (the sum is the count).
+    """
+
+    path: Path
+    model_name: str
+    model_kwargs: dict[str, Any]
+    scale: float
+    epoch: int | None = None
+    step: int | None = None
+    best_val_mae: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def strip_prefix(state: dict[str, Any], prefix: str = "module.") -> dict[str, Any]:
+    """Remove a ``DistributedDataParallel``-style prefix from every key that has it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def check_state_dict(model, state: dict[str, Any], where: str, model_name: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` has exactly ``model``'s keys and shapes."""
+    import torch
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) ({_describe(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) ({_describe(unexpected)})")
+        raise CheckpointError(
+            f"{where} does not match a {model_name} network: {'; '.join(parts)}. It was probably "
+            "trained with the other model (or another width); load it with the model it was "
+            "trained with."
+        )
+    for key, tensor in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(
+                f"{where}: weight {key!r} has shape {got} but a {model_name} built with these "
+                f"settings needs {tuple(tensor.shape)}; the checkpoint belongs to another "
+                "configuration of the model."
+            )
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    device: Any = None,
+    expect_model: str | None = None,
+):
+    """Rebuild the trained network of a checkpoint, in eval mode on ``device``.
+
+    Returns ``(model, info)``; ``model(x)`` gives ``density x info.scale`` for a normalised
+    ``(B, 3, H, W)`` input, so divide by ``info.scale``. ``expect_model`` (``"heatmap_cnn"`` or
+    ``"csrnet"``) refuses a checkpoint of the other model. ``device`` defaults to
+    :func:`helpers.config.pick_device`.
+
+    Raises :class:`CheckpointError` for unreadable files, checkpoints not written by
+    :mod:`helpers.train`, and weights that do not fit the named model (saying which keys).
+    """
+    import torch
+
+    from helpers import config
+    from helpers.models import MODEL_NAMES, build_model
+
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location="cpu")
+    for key in ("model", "model_name"):
+        if key not in ckpt:
+            raise CheckpointError(
+                f"{path} has no {key!r} entry: it is not a checkpoint written by helpers.train "
+                f"(keys found: {_describe(sorted(map(str, ckpt)))})."
+            )
+    name = str(ckpt["model_name"])
+    if name not in MODEL_NAMES:
+        raise CheckpointError(f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_NAMES)}.")
+    if expect_model is not None and name != expect_model:
+        raise CheckpointError(
+            f"{path} holds a {name} checkpoint, but a {expect_model} was asked for. Use a "
+            f"checkpoint trained with --model {expect_model}."
+        )
+    kwargs = {k: v for k, v in dict(ckpt.get("model_kwargs") or {}).items() if k not in INIT_ONLY_KWARGS}
+    try:
+        model = build_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot build {name} with {kwargs} ({exc}).") from exc
+    state = ckpt["model"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: the 'model' entry is a {type(state).__name__}, not a state dict.")
+    state = strip_prefix(state)
+    check_state_dict(model, state, str(path), name)
+    model.load_state_dict(state, strict=True)
+    device = config.pick_device() if device is None else torch.device(device)
+    model.to(device).eval()
+    best = ckpt.get("best_val_mae")
+    info = CheckpointInfo(
+        path=path,
+        model_name=name,
+        model_kwargs=kwargs,
+        scale=float(ckpt.get("scale", 1.0)),
+        epoch=ckpt.get("epoch"),
+        step=ckpt.get("step"),
+        best_val_mae=None if best is None else float(best),
+        config=dict(ckpt.get("config") or {}),
+    )
+    return model, info
