@@ -49,3 +49,21 @@ def add_colorbar(fig, mappable, ax, label: str):
     cbar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label(label)
     return cbar
+
+
+def figure_png(fig, dpi: int = 100, close: bool = True) -> bytes:
+    """``fig`` rendered as PNG bytes, e.g. for an ``ipywidgets.Image``; closes the figure by default.
+
+    An ``Image`` widget holding these bytes is the light way to redraw a picture from widget
+    callbacks: it also works when the notebook is executed without a browser (nbconvert, nbval),
+    where large plots inside an ``Output`` widget can stall the executor.
+    """
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    if close:
+        plt.close(fig)
+    return buffer.getvalue()
