@@ -102,6 +102,14 @@ class CheckpointInfo:
     best_val_mae: float | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def input_scale(self) -> float:
+        """The image scale the model was trained at (``TrainConfig.resize``; 1.0 = full size).
+
+        Inference must resize images by the same factor, or heads have the wrong size for it.
+        """
+        return float(self.config.get("resize", 1.0) or 1.0)
+
 
 def strip_prefix(state: dict[str, Any], prefix: str = "module.") -> dict[str, Any]:
     """Remove a ``DistributedDataParallel``-style prefix from every key that has it."""

@@ -300,6 +300,12 @@ def read_image(
         ) from exc
 
 
+def to_rgb_uint8(im) -> np.ndarray:
+    """Convert a PIL image of any mode to ``H x W x 3`` uint8 RGB, as :func:`read_image` does."""
+    im.load()
+    return _to_rgb_uint8(im)
+
+
 def _to_rgb_uint8(im) -> np.ndarray:
     """Convert a loaded PIL image of any mode to an ``H x W x 3`` uint8 RGB array."""
     from PIL import Image
