@@ -62,6 +62,20 @@ those switched off. Under ``torchrun --nproc_per_node=N`` each process trains on
 every epoch (``DistributedSampler``) with ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU);
 ``--batch-size`` is per process. Rank 0 validates, logs and writes the checkpoints.
 
+A wall-clock budget
+-------------------
+``max_minutes`` (``--max-minutes``) limits one call to :func:`train`, counted from its start
+(data loading included). The clock is checked after every optimiser step and before every
+epoch; when the budget is used the loop stops after the current step, validates the weights it
+reached (a partial epoch's weights, or the last completed epoch's if it was not validated), keeps
+them as ``best.pt`` if their validation MAE is the best so far, and writes ``last.pt`` at that
+exact position. That validation runs after the deadline, so the call ends a few seconds late
+(one forward pass per validation image). ``TrainResult.stop_reason`` is then ``"time"`` and
+``TrainResult.time_stop`` says where it stopped; ``resume=True`` continues exactly from there
+with a new budget. The epochs, and with them the cosine schedule, are set by ``epochs`` as
+usual: choose ``epochs`` so that they fit in the budget if the learning rate should have
+decayed by the end (:func:`helpers.recipes.epochs_for_budget`).
+
 Quick mode (``CROWD_QUICK=1``) trains on 16 ``fit`` images and validates on 6, unless
 ``max_fit`` / ``max_val`` say otherwise.
 
@@ -103,6 +117,8 @@ CHECKPOINT_FORMAT = 1
 DEFAULT_LR = {("adam", "heatmap_cnn"): 1e-3, ("adam", "csrnet"): 1e-5, ("sgd", "heatmap_cnn"): 1e-7,
               ("sgd", "csrnet"): 1e-7}
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "sgd": 5e-4}
+#: The clock of the ``max_minutes`` budget (seconds); tests replace it with a simulated one.
+_clock = time.perf_counter
 
 #: Settings that define a run: a resumed run must use the same values. The others (epochs,
 #: patience, device, workers, ...) may change between an interrupted run and its continuation.
@@ -137,7 +153,8 @@ class TrainConfig:
     ``checkpoint_every`` optimiser steps (0: only at epoch ends); ``device`` (None: automatic);
     ``workers`` data-loading processes (None: automatic); ``cache_in_memory`` keeps decoded images
     and densities in RAM (helpers.samples); ``amp``, ``channels_last`` (CUDA only) and
-    ``deterministic`` (CUDA: deterministic kernels, no cudnn.benchmark).
+    ``deterministic`` (CUDA: deterministic kernels, no cudnn.benchmark); ``max_minutes``
+    wall-clock budget of one call to :func:`train` (None: no limit; see the module docstring).
     """
 
     model: str = "heatmap_cnn"
@@ -180,6 +197,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     deterministic: bool = False
+    max_minutes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict."""
@@ -226,6 +244,8 @@ class TrainConfig:
             (c.density_method in ("adaptive", "fixed"), f"--density-method must be adaptive or fixed, not {c.density_method!r}"),
             (c.max_fit is None or c.max_fit >= 1, f"--max-fit must be >= 1, got {c.max_fit}"),
             (c.max_val is None or c.max_val >= 1, f"--max-val must be >= 1, got {c.max_val}"),
+            (c.max_minutes is None or (math.isfinite(c.max_minutes) and c.max_minutes > 0),
+             f"--max-minutes must be a positive number of minutes, got {c.max_minutes}"),
             (0 < c.min_lr_ratio <= 1, f"min_lr_ratio must be in (0, 1], got {c.min_lr_ratio}"),
             (0 < c.plateau_factor < 1, f"plateau_factor must be in (0, 1), got {c.plateau_factor}"),
         ]
@@ -267,6 +287,13 @@ class TrainResult:
     best_epoch: int
     stopped_early: bool
     config: TrainConfig
+    #: Why this call ended: ``"epochs"`` (all done), ``"patience"`` (early stopping) or
+    #: ``"time"`` (``max_minutes`` used up; continue with ``resume=True``).
+    stop_reason: str = "epochs"
+    #: For a ``"time"`` stop: where it stopped and the validation of those weights
+    #: (``epoch`` = the epoch in progress, ``batch_in_epoch``, ``step``, ``val_mae``, ``val_rmse``,
+    #: ``minutes``); None otherwise.
+    time_stop: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- history
@@ -513,6 +540,8 @@ class _State:
     epochs_since_best: int = 0
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""  # "time" when the last call ran out of max_minutes
+    time_stop: dict[str, Any] | None = None
 
 
 def _checkpoint(model, optimizer, scheduler, scaler, state: _State, cfg: TrainConfig, d: _Dist,
@@ -608,7 +637,9 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     from helpers.models import build_model
     from helpers.samples import CrowdDataset, make_loader
 
+    started = _clock()
     cfg = config.resolved()
+    deadline = math.inf if cfg.max_minutes is None else started + 60.0 * float(cfg.max_minutes)
     out = Path(cfg.out).expanduser()
     last_path, best_path = out / "last.pt", out / "best.pt"
     ckpt = None
@@ -730,6 +761,62 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     from tqdm.auto import tqdm
 
     step_delay = float(os.environ.get("CROWD_TRAIN_STEP_DELAY", "0") or 0)
+    state.stop_reason, state.time_stop = "", None  # a new call starts with a new budget
+
+    def time_is_up() -> bool:
+        """Rank 0's clock decides, so that every process stops after the same step."""
+        if deadline == math.inf:
+            return False
+        return _broadcast_floats([float(_clock() >= deadline)], d)[0] > 0
+
+    def stop_for_time() -> None:
+        """Validate the weights reached (unless the last completed epoch already was), keep
+        them as best.pt when better, record the stop and write a resumable last.pt."""
+        epoch = state.epoch  # 0-based index of the epoch in progress (or the next one)
+        partial = state.batch_in_epoch > 0
+        need_val = partial or not state.history or not math.isfinite(float(state.history[-1]["val_mae"]))
+        mae = rmse = float("nan")
+        if need_val:
+            rng = _rng_state()  # validation must not change what a resumed run does
+            if d.main:
+                metrics = evaluate_counts(model, val_set, cfg.scale, device, loader=val_loader,
+                                          amp=use_amp, channels_last=channels_last)
+                mae, rmse = metrics["mae"], metrics["rmse"]
+            mae, rmse = _broadcast_floats([mae, rmse], d)
+            _set_rng_state(rng)
+            net.train()
+        else:
+            mae, rmse = float(state.history[-1]["val_mae"]), float(state.history[-1]["val_rmse"])
+        label = epoch + 1 if partial else epoch
+        improved = need_val and math.isfinite(mae) and mae < state.best_val_mae
+        if improved:
+            state.best_val_mae, state.best_epoch, state.epochs_since_best = mae, label, 0
+        minutes = (_clock() - started) / 60.0
+        state.stop_reason = "time"
+        state.time_stop = {"epoch": label, "batch_in_epoch": state.batch_in_epoch,
+                           "step": state.step, "val_mae": mae, "val_rmse": rmse,
+                           "minutes": minutes, "improved": bool(improved)}
+        _check_finite_params(model)
+        if improved and d.main:
+            save_checkpoint(best_path, {
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_name": cfg.model,
+                "model_kwargs": _saved_kwargs(cfg),
+                "scale": float(cfg.scale), "stride": int(model.output_stride), "epoch": label,
+                "batch_in_epoch": state.batch_in_epoch,
+                "step": state.step, "val_mae": mae, "val_rmse": rmse, "best_val_mae": mae,
+                "config": cfg.to_dict(), "data_root": root,
+            })
+        if partial:
+            state.epoch_seconds = time.perf_counter() - epoch_t0
+        save_last()
+        if d.main:
+            where = (f"epoch {epoch + 1} batch {state.batch_in_epoch}/{steps_per_epoch}" if partial
+                     else f"the end of epoch {epoch}")
+            val_text = f"val MAE {mae:.2f} RMSE {rmse:.2f}" + ("  *best" if improved else "")
+            print(f"time budget of {cfg.max_minutes:g} min used ({minutes:.1f} min): stopped at {where}, "
+                  f"step {state.step}; {val_text}. Continue with --resume (resume=True).", flush=True)
+
+    epoch_t0 = time.perf_counter() - state.epoch_seconds
     # A run that stopped early stays stopped unless the patience was raised or switched off.
     state.stopped_early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
     if d.main:
@@ -745,9 +832,13 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                   + f", epoch {state.epoch + 1} of {cfg.epochs}, out {out}", flush=True)
     net.train()
     while state.epoch < cfg.epochs and not state.stopped_early:
+        if time_is_up():
+            stop_for_time()
+            break
         epoch = state.epoch
         lr_used = float(optimizer.param_groups[0]["lr"])
-        t0 = time.perf_counter() - state.epoch_seconds
+        t0 = epoch_t0 = time.perf_counter() - state.epoch_seconds
+        out_of_time = False
         loader.sampler.set_epoch(epoch, start=state.batch_in_epoch * cfg.batch_size)
         bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", leave=False, disable=not d.main)
@@ -795,7 +886,13 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                     and state.batch_in_epoch < steps_per_epoch):
                 state.epoch_seconds = time.perf_counter() - t0
                 save_last()
+            if state.batch_in_epoch < steps_per_epoch and time_is_up():
+                out_of_time = True
+                break
         bar.close()
+        if out_of_time:
+            stop_for_time()
+            break
 
         # ---- end of epoch: validate, schedule, record, checkpoint
         validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
@@ -848,9 +945,11 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     if os.environ.get("CROWD_TRAIN_SAVE_RANKS", "").strip() in ("1", "true", "yes"):
         save_checkpoint(out / f"rank{d.rank}.pt", {"model": model.state_dict(), "rank": d.rank})
     _barrier(d)
+    reason = state.stop_reason or ("patience" if state.stopped_early else "epochs")
     return TrainResult(out=out, last=last_path, best=best_path, history=list(state.history),
                        best_val_mae=state.best_val_mae, best_epoch=state.best_epoch,
-                       stopped_early=state.stopped_early, config=cfg)
+                       stopped_early=state.stopped_early, config=cfg, stop_reason=reason,
+                       time_stop=state.time_stop)
 
 
 # --------------------------------------------------------------------------- command line
@@ -927,6 +1026,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-every", type=int, help="validate every N epochs (default 1)")
     a("--max-fit", type=int, help="use at most N training images (quick mode: 16)")
     a("--max-val", type=int, help="use at most N validation images (quick mode: 6)")
+    a("--max-minutes", type=float, help="wall-clock budget of this call in minutes: stop cleanly "
+      "(validate, keep the best, write a resumable last.pt) when it is used (default: no limit)")
     a("--out", help="run folder (default runs/<model>_part<part>)")
     a("--resume", action="store_true", help="continue the run in --out from last.pt")
     a("--checkpoint-every", type=int, help="also write last.pt every N steps, 0 = epoch ends only (default 100)")
@@ -980,7 +1081,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json and (not _launched_distributed() or os.environ.get("RANK") == "0"):
         print(json.dumps({"out": str(result.out), "best": str(result.best), "last": str(result.last),
                           "best_val_mae": result.best_val_mae, "best_epoch": result.best_epoch,
-                          "epochs": len(result.history), "stopped_early": result.stopped_early}))
+                          "epochs": len(result.history), "stopped_early": result.stopped_early,
+                          "stop_reason": result.stop_reason}))
     return 0
 
 
