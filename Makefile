@@ -36,7 +36,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --durations=0 -p no:cacheprovider $(NOTEBOOKS)
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env --durations=5 -p no:cacheprovider $(NOTEBOOKS)
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
