@@ -1,0 +1,381 @@
+"""Looking inside a density network: layer shapes and cost, sanity checks, predictions to plot.
+
+* :func:`layer_shapes` pushes a batch through a model and records, for every layer, the shape
+  of its output, its own number of parameters and its multiply-accumulates (MACs) per image.
+* :func:`overfit_batch` trains a model on one fixed batch: a network that cannot drive the loss
+  of two samples towards zero has a bug (wrong targets, a broken layer, a bad learning rate), and
+  it is far cheaper to find out here than after an hour of training.
+* :func:`batch_dependence` shows what batch normalisation does differently in training and
+  evaluation mode: in training mode an image's prediction depends on the other images of the
+  batch.
+* :func:`predict_samples` runs a trained model on evaluation samples and returns the image, the
+  true and the predicted density (people per output cell) and both counts, ready to plot.
+
+Shapes follow PyTorch: ``(B, C, H, W)``. Densities returned here are in people per output cell
+(the network's output divided by the training ``scale``).
+
+Command line::
+
+    python -m helpers.inspect [--model heatmap_cnn] [--size H W] [--batch B]
+
+prints the layer table of a freshly built model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from helpers.errors import CrowdError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+    from torch import nn
+
+
+# --------------------------------------------------------------------------- layer shapes
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One row of :func:`layer_shapes`.
+
+    ``name`` is the module path (``"body.conv1"``), or ``"input"`` / ``"output"`` for the two
+    ends; ``kind`` the module class (``"Conv2d"``); ``shape`` the output shape ``(B, C, H, W)``;
+    ``params`` the parameters of this module alone (not of its children); ``macs`` the
+    multiply-accumulates of one image through this layer (convolutions and linear layers; 0 for
+    the others, whose cost is negligible); ``stride`` the input height divided by the output
+    height (None for outputs that are not ``(B, C, H, W)``).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int
+    macs: int
+    stride: int | None = None
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _macs(module: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates per image of a convolution or linear layer producing ``out``."""
+    from torch import nn
+
+    if isinstance(module, nn.Conv2d):
+        k_h, k_w = module.kernel_size
+        per_output = (module.in_channels // module.groups) * k_h * k_w
+        return int(out[0].numel()) * per_output
+    if isinstance(module, nn.Linear):
+        return int(out[0].numel()) * module.in_features
+    return 0
+
+
+def layer_shapes(
+    model: nn.Module,
+    inputs: torch.Tensor | Sequence[int],
+    leaves_only: bool = True,
+) -> list[LayerShape]:
+    """Push ``inputs`` through ``model`` and record every layer's output shape, parameters, MACs.
+
+    ``inputs``: a ``(B, C, H, W)`` tensor, or just its shape (a random normal batch is made).
+    With ``leaves_only`` only modules without children are listed (convolutions, batch norms,
+    ReLUs, pools, ...), in the order they run; otherwise containers are listed too. The first row
+    is ``"input"`` and the last ``"output"`` (the model's return value: for :class:`HeatmapCNN`
+    that includes the softplus, which is a function and not a module). Runs in evaluation mode
+    without gradients, so batch-norm running statistics are not touched; the model's mode is
+    restored afterwards. Only modules that return a single tensor are recorded.
+    """
+    import torch
+
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.randn(*[int(v) for v in inputs])
+    if x.dim() != 4:
+        raise ValueError(f"inputs must be (B, C, H, W), got shape {tuple(x.shape)}")
+    device = next(model.parameters(), torch.empty(0)).device
+    x = x.to(device)
+    in_h = int(x.shape[2])
+    records: list[tuple[str, nn.Module, torch.Tensor]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if module is model or (leaves_only and next(module.children(), None) is not None):
+            continue
+
+        def hook(mod, _inp, out, name=name):
+            if isinstance(out, torch.Tensor):
+                records.append((name, mod, out.detach()))
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    def stride_of(t: torch.Tensor) -> int | None:
+        return in_h // int(t.shape[2]) if t.dim() == 4 and int(t.shape[2]) > 0 else None
+
+    rows = [LayerShape("input", "Tensor", tuple(x.shape), 0, 0, stride_of(x))]
+    for name, mod, out in records:
+        rows.append(LayerShape(name, type(mod).__name__, tuple(out.shape), _own_params(mod),
+                               _macs(mod, out), stride_of(out)))
+    if isinstance(y, torch.Tensor):
+        rows.append(LayerShape("output", "Tensor", tuple(y.shape), 0, 0, stride_of(y)))
+    return rows
+
+
+def format_layer_shapes(rows: Sequence[LayerShape]) -> str:
+    """A plain-text table of :func:`layer_shapes` rows with a total line."""
+    lines = [f"{'layer':<18}{'kind':<13}{'output shape':<22}{'stride':>7}{'params':>10}{'MMAC':>9}"]
+    for r in rows:
+        stride = "" if r.stride is None else str(r.stride)
+        lines.append(f"{r.name:<18}{r.kind:<13}{str(tuple(r.shape)):<22}{stride:>7}"
+                     f"{r.params:>10,}{r.macs / 1e6:>9.1f}")
+    total_p = sum(r.params for r in rows)
+    total_m = sum(r.macs for r in rows)
+    lines.append(f"{'total':<60}{total_p:>10,}{total_m / 1e6:>9.1f}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- receptive field, measured
+
+
+def receptive_field_box(rf_rows: Sequence[Any], cell: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Input pixels ``(x0, y0, x1, y1)`` (inclusive) that output ``cell = (row, col)`` can see.
+
+    From the last row of :func:`helpers.models.receptive_field`: the field of output ``i`` is
+    centred on input coordinate ``start + i * jump`` and is ``rf`` pixels wide. The box may
+    reach outside the image (those pixels are zero padding).
+    """
+    last = rf_rows[-1]
+    half = (last.rf - 1) / 2
+    cy = last.start + int(cell[0]) * last.jump
+    cx = last.start + int(cell[1]) * last.jump
+    return (math.ceil(cx - half), math.ceil(cy - half), math.floor(cx + half), math.floor(cy + half))
+
+
+def input_gradient(model: nn.Module, image: torch.Tensor, cell: tuple[int, int]) -> np.ndarray:
+    """``|d output[cell] / d input|`` summed over the colour channels: ``(H, W)`` float64.
+
+    ``image`` ``(1, 3, H, W)``; ``cell = (row, col)`` of the output map. Evaluation mode (batch
+    norm uses its running statistics, so the gradient comes from this image alone). Pixels where
+    the gradient is exactly 0 cannot influence the cell; they all lie outside the theoretical
+    receptive field (:func:`receptive_field_box`), and in practice most of the gradient sits in
+    a much smaller central region, the *effective* receptive field (Luo et al., NeurIPS 2016).
+    """
+    import torch
+
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be (1, C, H, W), got {tuple(image.shape)}")
+    device = next(model.parameters()).device
+    x = image.detach().to(device).clone().requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+        r, c = int(cell[0]), int(cell[1])
+        if not (0 <= r < out.shape[2] and 0 <= c < out.shape[3]):
+            raise ValueError(f"cell {cell} is outside the {tuple(out.shape[2:])} output map")
+        (grad,) = torch.autograd.grad(out[0, 0, r, c], x)
+    finally:
+        model.train(was_training)
+    return grad[0].abs().sum(dim=0).double().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- overfit one batch
+
+
+def overfit_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    steps: int,
+    lr: float,
+    *,
+    scale: float = 100.0,
+    progress: bool = True,
+) -> list[float]:
+    """Train ``model`` on one fixed batch for ``steps`` Adam steps; returns the loss of each step.
+
+    ``images`` ``(B, 3, H, W)`` normalised, ``targets`` ``(B, 1, H/8, W/8)`` in people per output
+    cell (as :class:`helpers.samples.CrowdDataset` makes them). The loss is the training loss of
+    :mod:`helpers.train`: the mean squared error between the model's ``loss_output`` (or its
+    output) and ``scale x targets``. The model is left in training mode with the fitted weights.
+    Entry ``i`` of the list is the loss *before* update ``i``, so ``losses[0]`` is the loss of
+    the untrained model.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from helpers.train import density_loss
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    device = next(model.parameters()).device
+    x = images.to(device)
+    y = targets.to(device) * float(scale)
+    forward = getattr(model, "loss_output", model)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="overfit one batch", unit="step", disable=not progress, leave=False)
+    for _ in bar:
+        pred = forward(x)
+        if pred.shape != y.shape:
+            raise CrowdError(f"model output {tuple(pred.shape)} does not match the targets {tuple(y.shape)}")
+        loss = density_loss(pred, y)
+        value = float(loss.item())
+        if not np.isfinite(value):
+            raise CrowdError(f"the loss became {value} after {len(losses)} steps: lower the learning rate")
+        losses.append(value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{value:.4g}")
+    return losses
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def batch_dependence(model: nn.Module, images: torch.Tensor, scale: float = 1.0) -> dict[str, float]:
+    """The count of image 0 alone and inside the whole batch, with BN in eval and train mode.
+
+    ``images`` ``(B, 3, H, W)`` with ``B >= 2``, all the same size. In evaluation mode batch norm
+    uses its running statistics, so image 0's count does not depend on its batch-mates; in
+    training mode it normalises with the statistics of the current batch, so it does. Works on a
+    copy: the model and its running statistics are not changed. Counts are ``output.sum() /
+    scale``. Returns ``{"eval_alone", "eval_in_batch", "train_alone", "train_in_batch"}``.
+    """
+    import torch
+
+    if images.dim() != 4 or images.shape[0] < 2:
+        raise ValueError(f"images must be (B, 3, H, W) with B >= 2, got {tuple(images.shape)}")
+    probe = copy.deepcopy(model)
+    device = next(probe.parameters()).device
+    x = images.to(device)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for mode in ("eval", "train"):
+            probe.train(mode == "train")
+            out[f"{mode}_alone"] = float(probe(x[:1]).sum()) / scale
+            out[f"{mode}_in_batch"] = float(probe(x)[0].sum()) / scale
+    return out
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+@dataclass
+class SamplePrediction:
+    """A model's prediction on one evaluation sample, in people per output cell.
+
+    ``image`` ``(H, W, 3)`` uint8 RGB as the model saw it (after the dataset's ``resize``, without
+    the padding); ``true`` and ``pred`` ``(ceil(H/s), ceil(W/s))`` float32 people per ``s x s``
+    cell; ``true_count`` the number of annotated heads; ``pred_count`` the sum of ``pred``.
+    """
+
+    name: str
+    image: np.ndarray = field(repr=False)
+    true: np.ndarray = field(repr=False)
+    pred: np.ndarray = field(repr=False)
+    true_count: float
+    pred_count: float
+    stride: int = 8
+
+
+def denormalize_image(chw: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`helpers.samples.normalize_image`: ``(3, H, W)`` -> ``(H, W, 3)`` uint8."""
+    from helpers.models import IMAGENET_MEAN, IMAGENET_STD
+
+    arr = chw.detach().cpu().numpy() if hasattr(chw, "detach") else np.asarray(chw)
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    rgb = (arr.astype(np.float32) * std + mean) * 255.0
+    return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def predict_samples(
+    model: nn.Module,
+    dataset: Any,
+    indices: Sequence[int],
+    scale: float,
+    device: Any = None,
+) -> list[SamplePrediction]:
+    """Run ``model`` (eval mode) on samples of an eval-mode :class:`helpers.samples.CrowdDataset`.
+
+    ``scale``: the training density scale (the model outputs ``scale x density``). The image and
+    maps are cropped back to the unpadded size: ``image`` to the resized image, the maps to
+    ``ceil(H/s) x ceil(W/s)`` cells (the padding adds no people and at most part of a cell).
+    """
+    import torch
+
+    if getattr(dataset, "mode", "eval") != "eval":
+        raise ValueError("predict_samples needs an eval-mode CrowdDataset (whole images)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[SamplePrediction] = []
+    try:
+        for i in indices:
+            image, target = dataset[int(i)]
+            base = dataset._load_base(int(i))  # the unpadded image at the dataset's resize
+            h, w = base.image.shape[:2]
+            s = int(dataset.stride)
+            ch, cw = -(-h // s), -(-w // s)
+            with torch.no_grad():
+                pred = model(image[None].to(device))[0, 0].float().cpu().numpy() / float(scale)
+            pred = np.ascontiguousarray(pred[:ch, :cw], dtype=np.float32)
+            true = np.ascontiguousarray(target[0].numpy()[:ch, :cw], dtype=np.float32)
+            out.append(SamplePrediction(
+                name=dataset.records[int(i)].name, image=base.image, true=true, pred=pred,
+                true_count=float(dataset.true_count(int(i))),
+                pred_count=float(pred.sum(dtype=np.float64)), stride=s,
+            ))
+    finally:
+        model.train(was_training)
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.inspect",
+        description="Print every layer's output shape, parameters and MACs for a random batch.",
+    )
+    parser.add_argument("--model", default="heatmap_cnn", help="heatmap_cnn (default) or csrnet")
+    parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        from helpers.models import build_model
+
+        if min(args.size) < 8 or args.batch < 1:
+            raise CrowdError(f"--size must be at least 8 x 8 and --batch >= 1, got {args.size}, {args.batch}")
+        kwargs = {"pretrained": False} if args.model.strip().lower() == "csrnet" else {}
+        model = build_model(args.model, **kwargs)
+        print(format_layer_shapes(layer_shapes(model, (args.batch, 3, *args.size))))
+    except (CrowdError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
