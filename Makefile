@@ -10,11 +10,12 @@ CROWD_QUICK ?= 1
 export CROWD_QUICK
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test unit notebooks venv lint clean-generated help
+.PHONY: run test unit notebooks venv lint report clean-generated help
 
 help:
 	@echo "make run    execute the notebook series into build/notebooks (CROWD_QUICK=0 for full size)"
 	@echo "make test   unit tests + every notebook under nbval, in quick mode"
+	@echo "make report assemble report/report.md and the figure sheet from report/"
 	@echo "make lint   ruff over helpers, tests and benchmarks"
 
 venv: $(STAMP)
@@ -36,7 +37,18 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval-lax --nbval-current-env --durations=5 -p no:cacheprovider $(NOTEBOOKS)
+	@fail=0; times=""; series=$$(date +%s); \
+	for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb (nbval, CROWD_QUICK=$(CROWD_QUICK))"; start=$$(date +%s); \
+	  $(PY) -m pytest -q --nbval-lax --nbval-current-env --durations=3 -p no:cacheprovider "$$nb" || fail=1; \
+	  times="$$times$$(printf '%6d s  %s' $$(( $$(date +%s) - start )) "$$nb")\n"; \
+	done; \
+	echo "Notebook run times (quick mode = $(CROWD_QUICK)):"; printf "$$times"; \
+	echo "$$(printf '%6d' $$(( $$(date +%s) - series ))) s  whole series"; \
+	exit $$fail
+
+report: $(STAMP)
+	$(PY) -m helpers.report
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -45,4 +57,5 @@ lint: $(STAMP)
 	$(PY) -m ruff check helpers tests benchmarks
 
 clean-generated:
-	rm -rf build runs data/synthetic report/figures/*.png report/figures/*.pdf
+	rm -rf build runs data/synthetic report/figures/*.png report/figures/*.pdf \
+	  report/results.md report/results.json report/report.md
