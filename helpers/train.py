@@ -678,6 +678,13 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
 
     # ---- data
     root = cfg.data_root if cfg.data_root is not None else str(resolve_data_source().root)
+    trained_on = ckpt.get("data_root") if ckpt is not None else None
+    if trained_on and Path(trained_on).expanduser().resolve() != Path(root).expanduser().resolve():
+        raise CrowdError(
+            f"Cannot resume {out}: it was trained on the dataset at {trained_on}, but the data now "
+            f"found is {root}. Point CROWD_DATA (or data_root) at {trained_on} to resume, or start "
+            "a new run in another --out folder."
+        )
     fit_records = take_evenly(list_records(cfg.part, "fit", root), cfg.max_fit)
     val_records = take_evenly(list_records(cfg.part, "val", root), cfg.max_val)
     if not fit_records or not val_records:

@@ -175,6 +175,18 @@ def test_resume_refuses_other_settings_and_overwrites(env, tmp_path):
         train(_config(tmp_path / "r", epochs=2))
 
 
+def test_resume_refuses_another_dataset(env, tiny_root, tmp_path, monkeypatch):
+    train(_config(tmp_path / "r", epochs=1))
+    moved = tmp_path / "other_copy"
+    moved.symlink_to(tiny_root)  # same files, but a different dataset folder by name
+    monkeypatch.setenv("CROWD_DATA", str(tmp_path / "elsewhere"))
+    with pytest.raises(CrowdError, match="trained on the dataset at"):
+        train(_config(tmp_path / "r", epochs=2, resume=True, data_root=str(tmp_path / "elsewhere")))
+    # a symlink to the same folder is the same dataset: resuming through it works
+    result = train(_config(tmp_path / "r", epochs=2, resume=True, data_root=str(moved)))
+    assert len(result.history) == 2
+
+
 # --------------------------------------------------------------------------- outputs
 
 
