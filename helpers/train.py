@@ -33,6 +33,18 @@ term, off by default, is in people^2 whatever the scale. The paper's recipe is S
 ``lr 1e-7, momentum 0.95, weight decay 5e-4`` on *unscaled* densities with the summed loss and
 batch size 1: ``--optimizer sgd --lr 1e-7 --scale 1 --loss sum --batch-size 1``.
 
+Weight averaging
+----------------
+With ``ema_decay`` > 0 (e.g. 0.99) the loop also keeps an exponential moving average of the
+weights (and of the BatchNorm statistics), updated after every optimiser step::
+
+    ema <- d * ema + (1 - d) * weights,    d = min(ema_decay, (1 + step) / (10 + step))
+
+Validation, ``best.pt`` and therefore every prediction use the averaged weights. With a small
+batch and a high learning rate each step moves the weights a lot, and the validation error of
+the raw weights jumps from epoch to epoch; their average over the last ~1 / (1 - d) steps is
+smoother and usually better (Polyak averaging). ``last.pt`` keeps both, so resume stays exact.
+
 The learning rate follows ``scheduler``: ``cosine`` (linear warm-up over ``warmup_epochs``, then a
 cosine decay to ``min_lr_ratio x lr`` at the last step; its length is set by ``epochs``),
 ``plateau`` (divide by ``1 / plateau_factor`` when the validation MAE has not improved for
@@ -127,7 +139,7 @@ RUN_IDENTITY = (
     "density_method", "density_sigma", "optimizer", "lr", "momentum", "weight_decay", "scheduler",
     "warmup_epochs", "min_lr_ratio", "plateau_factor", "plateau_patience", "scale", "loss",
     "count_loss_weight", "grad_clip", "seed", "val_every", "max_fit", "max_val", "amp",
-    "channels_last",
+    "channels_last", "ema_decay",
 )  # fmt: skip
 
 
@@ -146,7 +158,8 @@ class TrainConfig:
     Optimisation: ``optimizer`` adam | sgd with ``lr`` (None: :data:`DEFAULT_LR`), ``momentum``
     (sgd), ``weight_decay`` (None: 0 for adam, 5e-4 for sgd); ``scheduler`` cosine | plateau |
     none; ``scale`` multiplies targets (module docstring); ``loss`` mean | sum;
-    ``count_loss_weight``; ``grad_clip`` (max gradient norm, 0 = off); ``patience`` (stop after
+    ``count_loss_weight``; ``grad_clip`` (max gradient norm, 0 = off); ``ema_decay`` (weight
+    averaging for validation and ``best.pt``, 0 = off; module docstring); ``patience`` (stop after
     that many epochs without a better validation MAE, 0 = never); ``val_every`` (epochs).
 
     Run: ``out`` folder (None: ``runs/<model>_part<part>``); ``resume`` continues ``out/last.pt``;
@@ -183,6 +196,7 @@ class TrainConfig:
     loss: str = "mean"
     count_loss_weight: float = 0.0
     grad_clip: float = 10.0
+    ema_decay: float = 0.0
     seed: int = 0
     patience: int = 0
     val_every: int = 1
@@ -231,6 +245,7 @@ class TrainConfig:
             (c.lr is None or (math.isfinite(c.lr) and c.lr > 0), f"--lr must be a positive number, got {c.lr}"),
             (math.isfinite(c.scale) and c.scale > 0, f"--scale must be a positive number, got {c.scale}"),
             (c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}"),
+            (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {c.ema_decay}"),
             (c.patience >= 0, f"--patience must be >= 0 (0 = off), got {c.patience}"),
             (c.val_every >= 1, f"--val-every must be >= 1, got {c.val_every}"),
             (c.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {c.checkpoint_every}"),
@@ -544,8 +559,24 @@ class _State:
     time_stop: dict[str, Any] | None = None
 
 
+def ema_update(ema_model, model, decay: float, step: int) -> None:
+    """One step of the weight average: ``ema = d * ema + (1 - d) * model`` for every floating
+    parameter and buffer (BatchNorm statistics too), ``d = min(decay, (1 + step) / (10 + step))``
+    so that early averages are not dominated by the random initial weights. Integer buffers
+    (BatchNorm's batch counter) are copied."""
+    import torch
+
+    d = min(float(decay), (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for avg, new in zip(ema_model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(new.detach(), alpha=1.0 - d)
+            else:
+                avg.copy_(new)
+
+
 def _checkpoint(model, optimizer, scheduler, scaler, state: _State, cfg: TrainConfig, d: _Dist,
-                data_root: str) -> dict[str, Any]:
+                data_root: str, ema_model=None) -> dict[str, Any]:
     ckpt: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -561,6 +592,8 @@ def _checkpoint(model, optimizer, scheduler, scaler, state: _State, cfg: TrainCo
         "world_size": d.world,
         "data_root": data_root,
     }
+    if ema_model is not None:
+        ckpt["ema"] = ema_model.state_dict()
     ckpt.update(dataclasses.asdict(state))
     return ckpt
 
@@ -711,6 +744,14 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    ema_model = None
+    if cfg.ema_decay > 0:
+        import copy
+
+        ema_model = copy.deepcopy(model).eval()
+        for p in ema_model.parameters():
+            p.requires_grad_(False)
+    eval_model = ema_model if ema_model is not None else model  # validated and kept as best.pt
     net = _loss_output_class()(model)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -731,6 +772,10 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
         model_state = strip_prefix(ckpt["model"])
         check_state_dict(model, model_state, str(last_path), cfg.model)
         model.load_state_dict(model_state)
+        if ema_model is not None:
+            if "ema" not in ckpt:
+                raise CheckpointError(f"{last_path} has no weight average (ema) to resume with ema_decay > 0.")
+            ema_model.load_state_dict(strip_prefix(ckpt["ema"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt.get("scheduler"):
             scheduler.load_state_dict(ckpt["scheduler"])
@@ -762,7 +807,8 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     def save_last() -> None:
         _check_finite_params(model)
         if d.main:
-            save_checkpoint(last_path, _checkpoint(model, optimizer, scheduler, scaler, state, cfg, d, root))
+            save_checkpoint(last_path, _checkpoint(model, optimizer, scheduler, scaler, state, cfg, d, root,
+                                                   ema_model))
         _barrier(d)
 
     from tqdm.auto import tqdm
@@ -786,7 +832,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
         if need_val:
             rng = _rng_state()  # validation must not change what a resumed run does
             if d.main:
-                metrics = evaluate_counts(model, val_set, cfg.scale, device, loader=val_loader,
+                metrics = evaluate_counts(eval_model, val_set, cfg.scale, device, loader=val_loader,
                                           amp=use_amp, channels_last=channels_last)
                 mae, rmse = metrics["mae"], metrics["rmse"]
             mae, rmse = _broadcast_floats([mae, rmse], d)
@@ -806,7 +852,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
         _check_finite_params(model)
         if improved and d.main:
             save_checkpoint(best_path, {
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_name": cfg.model,
+                "format": CHECKPOINT_FORMAT, "model": eval_model.state_dict(), "model_name": cfg.model,
                 "model_kwargs": _saved_kwargs(cfg),
                 "scale": float(cfg.scale), "stride": int(model.output_stride), "epoch": label,
                 "batch_in_epoch": state.batch_in_epoch,
@@ -881,6 +927,8 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
             scaler.update()
             if scheduler is not None and cfg.scheduler == "cosine":
                 scheduler.step()
+            if ema_model is not None:
+                ema_update(ema_model, model, cfg.ema_decay, state.step)
             state.step += 1
             state.batch_in_epoch += 1
             state.epoch_loss_sum += loss_value
@@ -906,7 +954,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
         mae = rmse = float("nan")
         if validate:
             if d.main:
-                metrics = evaluate_counts(model, val_set, cfg.scale, device, loader=val_loader,
+                metrics = evaluate_counts(eval_model, val_set, cfg.scale, device, loader=val_loader,
                                           amp=use_amp, channels_last=channels_last)
                 mae, rmse = metrics["mae"], metrics["rmse"]
             mae, rmse = _broadcast_floats([mae, rmse], d)
@@ -930,7 +978,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
         _check_finite_params(model)
         if improved and d.main:
             save_checkpoint(best_path, {
-                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_name": cfg.model,
+                "format": CHECKPOINT_FORMAT, "model": eval_model.state_dict(), "model_name": cfg.model,
                 "model_kwargs": _saved_kwargs(cfg),
                 "scale": float(cfg.scale), "stride": int(model.output_stride), "epoch": epoch + 1,
                 "step": state.step, "val_mae": mae, "val_rmse": rmse, "best_val_mae": mae,
@@ -1028,6 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss", choices=list(LOSSES), help="MSE averaged over pixels (mean, default) or summed (sum)")
     a("--count-loss-weight", type=float, help="weight of the squared count error term (default 0)")
     a("--grad-clip", type=float, help="max gradient norm, 0 = off (default 10)")
+    a("--ema-decay", type=float, help="validate and keep an average of the weights, e.g. 0.99; 0 = off (default)")
     a("--seed", type=int, help="random seed (default 0)")
     a("--patience", type=int, help="early stopping after N epochs without improvement, 0 = off")
     a("--val-every", type=int, help="validate every N epochs (default 1)")

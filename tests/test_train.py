@@ -222,6 +222,46 @@ def test_history_config_and_best_checkpoint(env, tmp_path):
     assert metrics["true"].tolist() == [float(val.true_count(0))]
 
 
+def test_ema_update_matches_the_formula():
+    torch.manual_seed(0)
+    model = build_model("heatmap_cnn", width=8)
+    ema = build_model("heatmap_cnn", width=8)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    step, decay = 50, 0.99
+    train_mod.ema_update(ema, model, decay, step)
+    d = min(decay, (1 + step) / (10 + step))  # 0.85: the warm-up caps the decay early on
+    assert d == pytest.approx(51 / 60)
+    for key, new in model.state_dict().items():
+        got = ema.state_dict()[key]
+        if new.dtype.is_floating_point:
+            torch.testing.assert_close(got, d * before[key] + (1 - d) * new, rtol=1e-6, atol=1e-7)
+        else:  # BatchNorm's num_batches_tracked is copied
+            assert torch.equal(got, new), key
+
+
+def test_ema_run_resumes_exactly_and_keeps_the_average_as_best(env, tmp_path):
+    direct = train(_config(tmp_path / "direct", epochs=3, ema_decay=0.9))
+    train(_config(tmp_path / "ext", epochs=2, ema_decay=0.9))
+    resumed = train(_config(tmp_path / "ext", epochs=3, ema_decay=0.9, resume=True))
+    a, b = load_checkpoint(direct.last), load_checkpoint(resumed.last)
+    _assert_same_tensors(a["model"], b["model"])
+    _assert_same_tensors(a["ema"], b["ema"])
+    assert not all(torch.equal(a["model"][k], a["ema"][k]) for k in a["model"])  # a real average
+    assert _strip_seconds(direct.history) == _strip_seconds(resumed.history)
+    # best.pt holds the averaged weights: re-evaluating them gives the recorded validation MAE
+    from helpers.data import list_records
+    from helpers.samples import CrowdDataset
+
+    model, info = load_model(direct.best, device="cpu", expect_model="heatmap_cnn")
+    val = CrowdDataset(list_records("B", "val"), "eval")
+    metrics = train_mod.evaluate_counts(model, val, info.scale, "cpu")
+    assert metrics["mae"] == pytest.approx(direct.best_val_mae, rel=1e-5)
+    if direct.best_epoch == 3:
+        _assert_same_tensors(load_checkpoint(direct.best)["model"], a["ema"])
+    with pytest.raises(CrowdError, match="ema-decay"):
+        train(_config(tmp_path / "bad", epochs=1, ema_decay=1.0))
+
+
 def test_early_stopping_and_best_epoch(env, tmp_path, monkeypatch):
     maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])
 
