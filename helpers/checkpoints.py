@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.errors import CheckpointError
+from helpers.errors import CheckpointError, one_line
 
 #: Constructor arguments that only matter when a model is first created (ImageNet weights for the
 #: CSRNet frontend); a checkpoint holds all weights, so they are dropped when rebuilding.
@@ -36,14 +36,25 @@ INIT_ONLY_KWARGS = ("pretrained",)
 
 
 def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically with ``torch.save``; returns the path."""
+    """Write ``checkpoint`` to ``path`` atomically with ``torch.save``; returns the path.
+
+    A failed write (disk full, no permission; torch reports a full disk as ``RuntimeError``)
+    raises :class:`CheckpointError` and leaves any previous file at ``path`` as it was.
+    """
     import torch
 
     from helpers.fileio import atomic_path
 
     path = Path(path)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(checkpoint, tmp)
+    try:
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(checkpoint, tmp)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"Could not write the checkpoint {path} ({one_line(exc)}); the previous file there, "
+            "if any, is unchanged. Free disk space or make the folder writable (or choose "
+            "another output folder), then run again."
+        ) from exc
     return path
 
 
@@ -65,25 +76,41 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _unpickling_reason(exc)
         raise CheckpointError(
             f"Refusing to load {path}: it contains pickled Python objects that are not tensors "
-            f"or plain data ({first}). Unpickling such a file could run arbitrary code. Only use "
+            f"or plain data ({first}). Unpickling such a file could run arbitrary code. Use only "
             "checkpoints written by helpers.train, or re-save the weights as a plain state dict "
             "from a source you trust."
         ) from exc
     except Exception as exc:  # zip/EOF/format errors: torch raises several types
         raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}). The file "
+            f"{path} is not a readable PyTorch checkpoint ({one_line(exc)}). The file "
             "is probably truncated or corrupt; use the other checkpoint of the run (best.pt or "
             "last.pt) or train again."
         ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a checkpoint dict; it was not written by "
-            "helpers.train."
+            "helpers.train. Use a checkpoint from a run folder (best.pt or last.pt)."
         )
     return obj
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The line of torch's long ``weights_only`` message that says what was refused.
+
+    (The rest of that message explains how to switch the protection off, which we do not want to
+    repeat.)
+    """
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # colour codes
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\.(?:\s|$)", text)
+    if match:
+        return match.group(1)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 @dataclass
@@ -148,7 +175,8 @@ def check_state_dict(model, state: dict[str, Any], where: str, model_name: str) 
             raise CheckpointError(
                 f"{where}: weight {key!r} has shape {got} but a {model_name} built with these "
                 f"settings needs {tuple(tensor.shape)}; the checkpoint belongs to another "
-                "configuration of the model."
+                "configuration of the model. Use a checkpoint trained with these settings, or "
+                "build the model with the settings the checkpoint was trained with."
             )
 
 
@@ -178,11 +206,15 @@ def load_model(
         if key not in ckpt:
             raise CheckpointError(
                 f"{path} has no {key!r} entry: it is not a checkpoint written by helpers.train "
-                f"(keys found: {_describe(sorted(map(str, ckpt)))})."
+                f"(keys found: {_describe(sorted(map(str, ckpt)))}). Use a checkpoint from a run "
+                "folder (best.pt or last.pt)."
             )
     name = str(ckpt["model_name"])
     if name not in MODEL_NAMES:
-        raise CheckpointError(f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_NAMES)}.")
+        raise CheckpointError(
+            f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_NAMES)}. Use a "
+            "checkpoint written by helpers.train."
+        )
     if expect_model is not None and name != expect_model:
         raise CheckpointError(
             f"{path} holds a {name} checkpoint, but a {expect_model} was asked for. Use a "
@@ -192,10 +224,16 @@ def load_model(
     try:
         model = build_model(name, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot build {name} with {kwargs} ({exc}).") from exc
+        raise CheckpointError(
+            f"{path}: cannot build {name} with {kwargs} ({exc}). Use a checkpoint written by "
+            "this version of helpers.train."
+        ) from exc
     state = ckpt["model"]
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: the 'model' entry is a {type(state).__name__}, not a state dict.")
+        raise CheckpointError(
+            f"{path}: the 'model' entry is a {type(state).__name__}, not a state dict. Use a "
+            "checkpoint written by helpers.train."
+        )
     state = strip_prefix(state)
     check_state_dict(model, state, str(path), name)
     model.load_state_dict(state, strict=True)
