@@ -16,6 +16,22 @@ Point policy (:func:`clean_points`), applied by :func:`load_example` and reporte
 * exact duplicates are kept and counted: ShanghaiTech has about 190 of them and its published
   head counts include them, so removing them would change the ground truth.
 
+Bad files (policy; every error is a :class:`helpers.errors.CrowdError` naming the file):
+
+* records come from the *images*: an annotation without an image is ignored (``verify`` reports
+  it); an image without an annotation is listed with ``points_path=None`` and
+  :func:`load_example` refuses it (:class:`AnnotationError`) unless ``require_points=False``;
+* a file that is not an image (an HTML error page or text named ``.jpg``), a damaged header or
+  a truncated file raises :class:`ImageReadError`. A JPEG whose header is intact but whose
+  compressed pixels are damaged decodes with garbled blocks: no decoder can tell, only the
+  sha256 check of ``verify`` finds it;
+* images over :data:`MAX_IMAGE_PIXELS` (or ``max_pixels``) are refused from their header,
+  before decoding: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``) is set to
+  that limit while the file is opened (and put back afterwards);
+* an annotation must hold a numeric ``(N, 2)`` array of ``(x, y)`` (``.mat`` and ``.json``:
+  exactly two columns, so a transposed ``2 x N`` array is refused, not misread); truncated
+  files, missing keys, strings and other shapes raise :class:`AnnotationError`.
+
 Command line::
 
     python -m helpers.data verify [ROOT]   # file counts, pairing, sha256 against data/*.sha256
@@ -25,13 +41,14 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,38 +283,78 @@ def read_image(
     rotation tag (for phone photos; dataset annotations refer to the stored pixels, so it is off by
     default). Files larger than ``max_pixels`` are refused before decoding.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
 
     path = Path(path)
     if not path.is_file():
-        raise ImageReadError(f"Image {path} does not exist.")
+        raise ImageReadError(f"Image {path} does not exist. Check the path.")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                width, height = im.size
-                if width * height > max_pixels:
-                    raise ImageReadError(
-                        f"Image {path} is {width}x{height} = {width * height / 1e6:.0f} MP, over the "
-                        f"limit of {max_pixels / 1e6:.0f} MP. Downscale it first, or raise max_pixels "
-                        "if you have the memory (about 3 bytes per pixel, plus the model's needs)."
-                    )
-                if exif_orientation:
-                    im = ImageOps.exif_transpose(im)
-                im.load()
-                return _to_rgb_uint8(im)
+        with _open_image(path, max_pixels) as im:
+            if exif_orientation:
+                im = ImageOps.exif_transpose(im)
+            im.load()
+            return _to_rgb_uint8(im)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(
-            f"{path} is not a readable image ({type(exc).__name__}: {exc}). Check that the file "
-            "is really a JPEG/PNG (not an HTML error page saved with an image name)."
-        ) from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
             f"{path} could not be decoded ({exc}); the file is probably truncated or corrupt. "
             "Download it again (python -m helpers.data verify finds every bad file)."
         ) from exc
+
+
+def megapixels(n: float) -> str:
+    """A pixel count for messages: ``"300 MP"``, ``"2.5 MP"``, or ``"2,240 pixels"`` below 1 MP."""
+    if n >= 10e6:
+        return f"{n / 1e6:.0f} MP"
+    return f"{n / 1e6:.1f} MP" if n >= 1e6 else f"{int(n):,} pixels"
+
+
+def _too_large(path: Path, width: int, height: int, max_pixels: int) -> ImageReadError:
+    return ImageReadError(
+        f"Image {path} is {width}x{height} = {megapixels(width * height)}, over the limit of "
+        f"{megapixels(max_pixels)} (a guard against decompression bombs). Downscale it first, or "
+        "raise max_pixels if you have the memory (about 3 bytes per pixel, plus the model's needs)."
+    )
+
+
+@contextlib.contextmanager
+def _open_image(path: Path, max_pixels: int) -> Iterator:
+    """``PIL.Image.open`` with Pillow's decompression-bomb guard set to ``max_pixels``.
+
+    Larger images are refused from their header, before any pixel is decoded, with
+    :func:`_too_large`; files that are not images raise :class:`ImageReadError`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    previous = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = int(max_pixels)
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        Image.MAX_IMAGE_PIXELS = None  # only to read the size from the header for the message
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+        raise _too_large(path, width, height, max_pixels) from exc
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(
+            f"{path} is not a readable image ({type(exc).__name__}: {exc}). The file is damaged, "
+            "or is not an image at all (e.g. an HTML error page saved with an image name): "
+            "download it again (python -m helpers.data verify finds every bad file)."
+        ) from exc
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise _too_large(path, width, height, max_pixels)
+        yield im
 
 
 def to_rgb_uint8(im) -> np.ndarray:
@@ -325,15 +382,23 @@ def _to_rgb_uint8(im) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file, read from its header only."""
-    from PIL import Image, UnidentifiedImageError
+def image_size(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(height, width)`` of an image file, read from its header only.
 
+    Images over ``max_pixels`` are refused as by :func:`read_image` (a density map of that size
+    would not fit in memory either).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"Image {path} does not exist. Check the path.")
     try:
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels) as im:
             return im.size[1], im.size[0]
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageReadError(f"{path} is not a readable image ({exc}).") from exc
+    except OSError as exc:
+        raise ImageReadError(
+            f"{path} is not a readable image ({type(exc).__name__}: {exc}). Download it again "
+            "(python -m helpers.data verify finds every bad file)."
+        ) from exc
 
 
 # --------------------------------------------------------------------------- points
@@ -348,7 +413,7 @@ def read_points(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(f"Annotation {path} does not exist.")
+        raise AnnotationError(f"Annotation {path} does not exist. Check the path.")
     suffix = path.suffix.lower()
     try:
         if suffix == ".mat":
@@ -381,14 +446,16 @@ def _points_from_mat(path: Path):
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             raise AnnotationError(
                 f"{path}: 'image_info' does not have the ShanghaiTech structure "
-                "image_info[0,0][0,0][0] = (N, 2) points."
+                "image_info[0,0][0,0][0] = (N, 2) points. Download the ground truth again, or "
+                "save your points as an N x 2 array named 'annPoints'."
             ) from exc
     if "annPoints" in mat:
         return mat["annPoints"]
     keys = sorted(k for k in mat if not k.startswith("__"))
     raise AnnotationError(
         f"{path}: no head points found; expected the key 'image_info' (ShanghaiTech) or "
-        f"'annPoints' (UCF-QNRF), found {keys}."
+        f"'annPoints' (UCF-QNRF), found {keys}. Use the ground-truth file of this image, or "
+        "save its points as an N x 2 array named 'annPoints' (or as a .csv of x,y rows)."
     )
 
 
@@ -403,7 +470,10 @@ def _points_from_csv(path: Path):
             except (ValueError, IndexError) as exc:
                 if i == 0:  # a header line such as "x,y"
                     continue
-                raise AnnotationError(f"{path}, line {i + 1}: expected 'x,y' numbers, got {row}.") from exc
+                raise AnnotationError(
+                    f"{path}, line {i + 1}: expected 'x,y' numbers, got {row}. Fix or remove "
+                    "that line."
+                ) from exc
     return np.asarray(rows, dtype=np.float64).reshape(-1, 2)
 
 
@@ -413,9 +483,15 @@ def _points_from_json(path: Path):
         data = data.get("points", data.get("annPoints"))
     if data and isinstance(data, list) and isinstance(data[0], dict):
         data = [[d["x"], d["y"]] for d in data]
-    if data is None:
-        raise AnnotationError(f"{path}: expected a list of [x, y] or an object with 'points'.")
-    return np.asarray(data, dtype=np.float64).reshape(-1, 2) if len(data) else np.zeros((0, 2))
+    if data is None or not isinstance(data, list):
+        raise AnnotationError(
+            f"{path}: expected a list of [x, y] or an object with 'points'. Write the points as "
+            '[[x, y], ...] or {"points": [[x, y], ...]}.'
+        )
+    if not data:
+        return np.zeros((0, 2))
+    arr = np.asarray(data, dtype=np.float64)
+    return arr.reshape(1, 2) if arr.shape == (2,) else arr  # one point as [x, y]
 
 
 def _points_from_txt(path: Path):
@@ -427,10 +503,18 @@ def _as_points(raw, path: Path) -> np.ndarray:
     arr = np.asarray(raw)
     if arr.size == 0:
         return np.zeros((0, 2), dtype=np.float64)
-    if arr.dtype.kind not in "fiu" or arr.ndim != 2 or arr.shape[1] < 2:
+    exact = path.suffix.lower() in (".mat", ".json")  # other formats may add columns (w, h, ...)
+    if (
+        arr.dtype.kind not in "fiu"
+        or arr.ndim != 2
+        or arr.shape[1] < 2
+        or (exact and arr.shape[1] != 2)
+    ):
+        hint = " (it looks transposed: 2 x N)" if arr.ndim == 2 and arr.shape[0] == 2 else ""
         raise AnnotationError(
             f"{path}: head points must be a numeric (N, 2) array of (x, y), got shape "
-            f"{arr.shape} and type {arr.dtype}."
+            f"{arr.shape} and type {arr.dtype}{hint}. Save the points as N rows of x, y numbers "
+            "(pixels)."
         )
     return np.ascontiguousarray(arr[:, :2], dtype=np.float64)
 
@@ -490,15 +574,22 @@ class Example:
         return len(self.points)
 
 
+def missing_annotation(image_path: str | Path, need: str = "") -> AnnotationError:
+    """The error for an image without an annotation file (``need``: why one is needed)."""
+    image_path = Path(image_path)
+    return AnnotationError(
+        f"No annotation found for {image_path}{need}: expected ground-truth/GT_{image_path.stem}.mat, "
+        "or a .csv/.json/.txt/_ann.mat file next to the image. Add the annotation, or move the "
+        "image out of the dataset (python -m helpers.data verify lists every unpaired file)."
+    )
+
+
 def load_example(record: ImageRecord, policy: str = "drop", require_points: bool = True) -> Example:
     """Read a record's image and points and apply the point policy."""
     image = read_image(record.image_path)
     if record.points_path is None:
         if require_points:
-            raise AnnotationError(
-                f"No annotation found for {record.image_path}: expected ground-truth/GT_"
-                f"{record.image_path.stem}.mat, or a .csv/.json/.txt/_ann.mat file next to the image."
-            )
+            raise missing_annotation(record.image_path)
         raw = np.zeros((0, 2))
     else:
         raw = read_points(record.points_path)

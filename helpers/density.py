@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers import config
-from helpers.errors import AnnotationError, CacheError, CrowdError
+from helpers.errors import AnnotationError, CacheError, CrowdError, ImageReadError, one_line
 
 METHODS = ("adaptive", "fixed")
 #: Bump when the way maps are computed or stored changes: older cache files are then rebuilt.
@@ -528,10 +528,7 @@ def _record_points(record) -> tuple[np.ndarray, tuple[int, int], int]:
     from helpers import data
 
     if record.points_path is None:
-        raise AnnotationError(
-            f"No annotation found for {record.image_path}: a density map needs head points "
-            f"(ground-truth/GT_{Path(record.image_path).stem}.mat or a .csv/.json/.txt next to it)."
-        )
+        raise data.missing_annotation(record.image_path, " (a density map needs head points)")
     height, width = data.image_size(record.image_path)
     raw = data.read_points(record.points_path)
     points, report = data.clean_points(raw, (height, width))
@@ -639,12 +636,15 @@ def _source_attrs(record) -> dict[str, str | int]:
     attrs: dict[str, str | int] = {}
     for prefix, path in (("annotation", record.points_path), ("image", record.image_path)):
         if path is None:
-            raise AnnotationError(f"No annotation found for {record.image_path}.")
+            from helpers.data import missing_annotation
+
+            raise missing_annotation(record.image_path, " (a density map needs head points)")
         path = Path(path).expanduser().resolve()
         try:
             stat = path.stat()
         except OSError as exc:
-            raise AnnotationError(f"{path} cannot be read ({exc}).") from exc
+            error = ImageReadError if prefix == "image" else AnnotationError
+            raise error(f"{path} cannot be read ({exc}). Check that the file exists.") from exc
         attrs[f"{prefix}_path"] = str(path)
         attrs[f"{prefix}_mtime_ns"] = int(stat.st_mtime_ns)
         attrs[f"{prefix}_bytes"] = int(stat.st_size)
@@ -709,30 +709,40 @@ def cache_status(
 
 def _cache_error(path: Path, exc: BaseException) -> CacheError:
     return CacheError(
-        f"Cannot write the density cache in {path.parent} ({type(exc).__name__}: {exc}). Make sure "
+        f"Cannot write the density cache in {path.parent} ({one_line(exc)}). Make sure "
         "that folder is writable and the disk is not full, or set CROWD_CACHE to a writable "
         "folder (for example CROWD_CACHE=/tmp/crowd-cache)."
     )
 
 
 def _write_cached(path: Path, density: np.ndarray, attrs: dict) -> None:
+    """Write one cache file atomically; a failed write raises :class:`CacheError`.
+
+    The HDF5 file is built in memory and written with plain file I/O: when HDF5 itself meets a
+    full disk it keeps a file handle it cannot close, and Python crashes at exit (h5py issues
+    #914, #2160). A failed write leaves the previous file at ``path`` as it was.
+    """
+    import io
+
     import h5py
 
     from helpers.fileio import atomic_path
 
     try:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as fh:
+            chunks = (min(CHUNK_ROWS, density.shape[0]), density.shape[1])
+            fh.create_dataset(
+                "density",
+                data=density.astype(np.float32, copy=False),
+                chunks=chunks,
+                **COMPRESSION,
+            )
+            for name, value in attrs.items():
+                fh.attrs[name] = value
         with atomic_path(path, suffix=".h5") as tmp:
-            with h5py.File(tmp, "w") as fh:
-                chunks = (min(CHUNK_ROWS, density.shape[0]), density.shape[1])
-                fh.create_dataset(
-                    "density",
-                    data=density.astype(np.float32, copy=False),
-                    chunks=chunks,
-                    **COMPRESSION,
-                )
-                for name, value in attrs.items():
-                    fh.attrs[name] = value
-    except OSError as exc:  # PermissionError, disk full, a file where a folder should be...
+            tmp.write_bytes(buffer.getbuffer())
+    except (OSError, RuntimeError) as exc:  # no permission, disk full (h5py: either type)...
         raise _cache_error(path, exc) from exc
 
 
@@ -801,7 +811,12 @@ def build_cache(
     """
     from tqdm.auto import tqdm
 
+    from helpers.fileio import remove_stale_temp_files
+
     start = time.perf_counter()
+    # Temporary files of a build that was killed mid-write: never read, but they pile up.
+    for folder in sorted({cache_path(r, params, cache_dir).parent for r in records}):
+        remove_stale_temp_files(folder)
     stats = {"images": len(records), "built": 0, "rebuilt_stale": 0, "skipped_fresh": 0, "heads": 0}
     label = {"missing": "built", "stale": "rebuilt_stale", "fresh": "skipped_fresh"}
     bar = tqdm(total=len(records), desc="density maps", unit="img", disable=not progress)

@@ -216,12 +216,14 @@ def as_rgb_uint8(image: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def _check_size(height: int, width: int, max_pixels: int, what: str) -> None:
+    from helpers.data import megapixels
+
     if height < 1 or width < 1:
         raise ImageReadError(f"{what} is empty ({height} x {width} pixels).")
     if height * width > max_pixels:
         raise ImageReadError(
-            f"{what} is {width}x{height} = {width * height / 1e6:.0f} MP, over the limit of "
-            f"{max_pixels / 1e6:.0f} MP. Downscale it first, or raise max_pixels if you have the "
+            f"{what} is {width}x{height} = {megapixels(width * height)}, over the limit of "
+            f"{megapixels(max_pixels)}. Downscale it first, or raise max_pixels if you have the "
             "memory (about 3 bytes per pixel plus two float64 values per 8x8 block)."
         )
 

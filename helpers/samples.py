@@ -299,9 +299,9 @@ class CrowdDataset(Dataset):
 
             record = self.records[index]
             if record.points_path is None:
-                from helpers.errors import AnnotationError
+                from helpers.data import missing_annotation
 
-                raise AnnotationError(f"No annotation found for {record.image_path}.")
+                raise missing_annotation(record.image_path)
             points = read_points(record.points_path)
             self._counts[index] = len(clean_points(points, image_size(record.image_path))[0])
         return self._counts[index]
