@@ -60,9 +60,11 @@ permutation seeded by ``seed + epoch``, and the augmentation of a sample depends
 ``(seed, epoch, index)`` (:mod:`helpers.samples`), so on resume the loop skips the batches already
 done and continues with exactly the same batches. On CPU, a run killed at any point and resumed
 with ``--resume`` ends with bitwise the same weights as an uninterrupted run (the test suite checks
-this). On CUDA the result is as close as cuDNN's non-deterministic kernels allow
-(``--deterministic`` trades speed for repeatability). ``--epochs`` is the total: ``--resume
---epochs 50`` continues a finished 30-epoch run for 20 more epochs (with ``cosine`` the
+this, ``tests/test_faults.py`` also with kills in the middle of a checkpoint write: checkpoints
+are written to a temporary file and renamed, and the temporary files a kill leaves behind are
+deleted when the run starts again). On CUDA the result is as close as cuDNN's
+non-deterministic kernels allow (``--deterministic`` trades speed for repeatability).
+``--epochs`` is the total: ``--resume --epochs 50`` continues a finished 30-epoch run for 20 more epochs (with ``cosine`` the
 schedule is then recomputed for the new length, so only ``plateau``/``none`` runs extend exactly).
 
 Devices and speed
@@ -666,7 +668,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     from helpers.checkpoints import load_checkpoint, save_checkpoint
     from helpers.data import list_records, resolve_data_source, take_evenly
     from helpers.density import DensityParams
-    from helpers.fileio import write_json_atomic, write_text_atomic
+    from helpers.fileio import remove_stale_temp_files, write_json_atomic, write_text_atomic
     from helpers.models import build_model
     from helpers.samples import CrowdDataset, make_loader
 
@@ -800,6 +802,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
 
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)  # half-written files of a killed run (never read)
         write_json_atomic(out / "config.json", cfg.to_dict())
         write_text_atomic(out / "history.csv", history_csv(state.history))
     _barrier(d)

@@ -8,6 +8,36 @@ from pathlib import Path
 import pytest
 
 
+def write_tiny_shtech(root: Path, n_images: int = 12, seed: int = 0) -> Path:
+    """Noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B train."""
+    import numpy as np
+    from PIL import Image
+
+    from helpers.synth import write_points_mat
+
+    rng = np.random.default_rng(seed)
+    images = root / "part_B" / "train_data" / "images"
+    gts = root / "part_B" / "train_data" / "ground-truth"
+    images.mkdir(parents=True)
+    gts.mkdir(parents=True)
+    h, w = 96, 128
+    for i in range(1, n_images + 1):
+        k = int(rng.integers(3, 30))
+        pts = np.column_stack([rng.uniform(0, w, k), rng.uniform(0, h, k)])
+        img = (rng.random((h, w, 3)) * 60 + 100).astype(np.uint8)
+        for x, y in pts:
+            img[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3] = 20
+        Image.fromarray(img).save(images / f"IMG_{i}.jpg", quality=90)
+        write_points_mat(gts / f"GT_IMG_{i}.mat", pts)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_shtech(tmp_path_factory) -> Path:
+    """12 tiny images (fit 11, val 1) for training tests; shared by the session, never modified."""
+    return write_tiny_shtech(tmp_path_factory.mktemp("tiny_shtech"))
+
+
 @pytest.fixture(scope="session")
 def real_data_root() -> Path:
     """The real ShanghaiTech root from ``CROWD_DATA``; skips the test with the reason otherwise."""

@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import train as train_mod
 from helpers.checkpoints import load_checkpoint, load_model, save_checkpoint
 from helpers.errors import CheckpointError, CrowdError
 from helpers.models import build_model
-from helpers.synth import write_points_mat
 from helpers.train import TrainConfig, read_history, train
 
 N_IMAGES = 12  # fit 11 (6 batches of 2), val 1
@@ -33,24 +31,10 @@ TINY = ["--model-arg", "width=8", "--batch-size", "2", "--crop", "64", "--device
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """12 noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B."""
-    root = tmp_path_factory.mktemp("tiny_shtech")
-    rng = np.random.default_rng(0)
-    images = root / "part_B" / "train_data" / "images"
-    gts = root / "part_B" / "train_data" / "ground-truth"
-    images.mkdir(parents=True)
-    gts.mkdir(parents=True)
-    h, w = 96, 128
-    for i in range(1, N_IMAGES + 1):
-        k = int(rng.integers(3, 30))
-        pts = np.column_stack([rng.uniform(0, w, k), rng.uniform(0, h, k)])
-        img = (rng.random((h, w, 3)) * 60 + 100).astype(np.uint8)
-        for x, y in pts:
-            img[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3] = 20
-        Image.fromarray(img).save(images / f"IMG_{i}.jpg", quality=90)
-        write_points_mat(gts / f"GT_IMG_{i}.mat", pts)
-    return root
+def tiny_root(tiny_shtech) -> Path:
+    """12 noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B
+    (tests/conftest.py; also used by test_faults.py)."""
+    return tiny_shtech
 
 
 @pytest.fixture()
