@@ -246,6 +246,62 @@ def test_ema_run_resumes_exactly_and_keeps_the_average_as_best(env, tmp_path):
         train(_config(tmp_path / "bad", epochs=1, ema_decay=1.0))
 
 
+def test_recalibrate_batchnorm_gives_the_average_of_per_image_statistics():
+    """Independent check: the first BatchNorm's running mean/variance are the plain averages of
+    the per-image mean and (unbiased) variance of its input, taken with a forward hook."""
+    torch.manual_seed(0)
+    model = build_model("heatmap_cnn", width=8).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = [torch.randn(1, 3, 32 + 8 * i, 40) for i in range(3)]  # different sizes
+    first_bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = first_bn.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    with torch.no_grad():
+        for x in images:
+            model(x)
+    handle.remove()
+    fresh = train_mod.recalibrate_batchnorm(model, iter(images))
+    assert not fresh.training
+    for key, value in model.state_dict().items():  # the caller's model is untouched
+        assert torch.equal(value, before[key]), key
+    bn = next(m for m in fresh.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    means = torch.stack([a.mean(dim=(0, 2, 3)) for a in seen])
+    variances = torch.stack([a.var(dim=(0, 2, 3), unbiased=True) for a in seen])
+    torch.testing.assert_close(bn.running_mean, means.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, variances.mean(0), rtol=1e-5, atol=1e-6)
+    assert bn.momentum == first_bn.momentum  # restored after the cumulative average
+    for (k, a), b in zip(fresh.named_parameters(), model.parameters(), strict=True):  # weights kept
+        assert torch.equal(a, b), k
+
+
+def test_bn_recalibrated_run_resumes_exactly_and_saves_the_recalibrated_weights(env, tmp_path):
+    kw = {"ema_decay": 0.9, "bn_recalibrate": 3}
+    direct = train(_config(tmp_path / "direct", epochs=3, **kw))
+    train(_config(tmp_path / "ext", epochs=2, **kw))
+    resumed = train(_config(tmp_path / "ext", epochs=3, resume=True, **kw))
+    a, b = load_checkpoint(direct.last), load_checkpoint(resumed.last)
+    _assert_same_tensors(a["model"], b["model"])
+    _assert_same_tensors(a["ema"], b["ema"])
+    assert _strip_seconds(direct.history) == _strip_seconds(resumed.history)
+    best = load_checkpoint(direct.best)
+    # weights are the average's, BatchNorm statistics are recomputed (not the averaged ones)
+    assert direct.best_epoch == 3  # (this tiny run improves every epoch; the check needs it)
+    ema_at_best = a["ema"]
+    for key, value in best["model"].items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, ema_at_best[key]), key
+    assert any(not torch.equal(best["model"][k], ema_at_best[k]) for k in best["model"] if "running_var" in k)
+    from helpers.data import list_records
+    from helpers.samples import CrowdDataset
+
+    model, info = load_model(direct.best, device="cpu", expect_model="heatmap_cnn")
+    val = CrowdDataset(list_records("B", "val"), "eval")
+    metrics = train_mod.evaluate_counts(model, val, info.scale, "cpu")
+    assert metrics["mae"] == pytest.approx(direct.best_val_mae, rel=1e-5)
+    with pytest.raises(CrowdError, match="bn-recalibrate"):
+        train(_config(tmp_path / "bad", epochs=1, bn_recalibrate=-1))
+
+
 def test_early_stopping_and_best_epoch(env, tmp_path, monkeypatch):
     maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])
 
