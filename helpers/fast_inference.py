@@ -14,8 +14,8 @@ several times cheaper without retraining:
   ``s``, zero point ``z``; weights per output channel). Convolutions then run on integers, which
   processors with VNNI or AMX instructions (``vpdpbusd``: four 8-bit products summed per lane)
   do about four times as fast as float32. The activation ranges are measured once on a few
-  *calibration images* (training images, never the test set). The first layer's input and the
-  final 1 x 1 output convolution stay in float32: a count is a sum over thousands of output cells,
+  *calibration images* (training images, never the test set). The final 1 x 1 output
+  convolution stays in float32: a count is a sum over thousands of output cells,
   and rounding the output cells to 256 levels would bias it.
 
 :func:`prepare_fast_cpu` applies what helps on this processor: folding and ``channels_last``
@@ -107,24 +107,41 @@ def _body_head_activation(module: nn.Module) -> tuple[list[nn.Module], nn.Conv2d
 
 
 class QuantizedDensityNet(nn.Module):
-    """``activation(head(dequant(body(quant(x)))))``: an int8 body, a float32 output layer.
+    """``activation(head(dequant(body(quant(stem(x))))))``: int8 ``body``, float32 output layer.
 
-    Built by :func:`quantize_int8`; takes and returns float tensors like the original network
-    (``(B, 3, H, W)`` normalised image -> ``(B, 1, H/8, W/8)`` density x scale).
+    Built by :func:`quantize_int8` from the network's layers (``body``: its feature layers in
+    order). With ``float_stem`` the layers up to the first ReLU stay float32 (the ``stem``;
+    otherwise it is empty): a little more accurate, but at full resolution the first layer is a
+    large part of the cost and the speed-up drops (HeatmapCNN: 7x -> 2x). Takes and returns float
+    tensors like the original network (``(B, 3, H, W)`` normalised image -> ``(B, 1, H/8, W/8)``
+    density x scale).
     """
 
-    def __init__(self, body: list[nn.Module], head: nn.Conv2d, activation: str) -> None:
+    def __init__(self, body: list[nn.Module], head: nn.Conv2d, activation: str,
+                 float_stem: bool = False) -> None:
         super().__init__()
+        from collections import OrderedDict
+
         from torch.ao.quantization import DeQuantStub, QuantStub
 
+        leaves: OrderedDict[str, nn.Module] = OrderedDict()
+        for part in body:
+            children = part.named_children() if isinstance(part, nn.Sequential) else [("layer", part)]
+            for name, child in children:
+                leaves[name if name not in leaves else f"{name}_{len(leaves)}"] = child
+        names = list(leaves)
+        first_relu = next((i for i, n in enumerate(names) if isinstance(leaves[n], nn.ReLU)), -1)
+        if not float_stem:
+            first_relu = -1
+        self.stem = nn.Sequential(OrderedDict((n, leaves[n]) for n in names[: first_relu + 1]))
         self.quant = QuantStub()
-        self.body = nn.Sequential(*body)
+        self.body = nn.Sequential(OrderedDict((n, leaves[n]) for n in names[first_relu + 1 :]))
         self.dequant = DeQuantStub()
         self.head = head
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.head(self.dequant(self.body(self.quant(x))))
+        y = self.head(self.dequant(self.body(self.quant(self.stem(x)))))
         return F.softplus(y) if self.activation == "softplus" else F.relu(y)
 
 
@@ -167,7 +184,7 @@ def _fuse_lists(wrapper: QuantizedDensityNet) -> list[list[str]]:
 
 
 def quantize_int8(module: nn.Module, calibration: Iterable[torch.Tensor],
-                  engine: str = ENGINE) -> QuantizedDensityNet:
+                  engine: str = ENGINE, float_stem: bool = False) -> QuantizedDensityNet:
     """An int8 copy of a HeatmapCNN or CSRNet, calibrated on ``calibration``.
 
     ``calibration``: normalised ``(1, 3, H, W)`` float tensors (any sizes; a few training images
@@ -186,11 +203,12 @@ def quantize_int8(module: nn.Module, calibration: Iterable[torch.Tensor],
     torch.backends.quantized.engine = engine
     source = copy.deepcopy(module).eval().cpu()
     body, head, activation = _body_head_activation(source)
-    wrapper = QuantizedDensityNet(body, head, activation).eval()
+    wrapper = QuantizedDensityNet(body, head, activation, float_stem).eval()
     with _quiet_quantization():
         tq.fuse_modules(wrapper, _fuse_lists(wrapper), inplace=True)
         wrapper.qconfig = tq.get_default_qconfig(engine)
         wrapper.head.qconfig = None  # the output layer stays float
+        wrapper.stem.qconfig = None  # and so does the stem, if any
         tq.prepare(wrapper, inplace=True)
         seen = 0
         with torch.inference_mode():
