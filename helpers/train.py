@@ -55,15 +55,6 @@ and its running mean and variance become the plain average over those images
 state is not touched, so resume stays exact. On Part B with ``ema_decay=0.995`` it removed most of
 a systematic overcount of whole images (test bias +21 -> +9 people per image).
 
-Recalibration alone leaves a mismatch: the weights were trained under the statistics of batches of
-*crops*, and a count (a sum over thousands of cells) is very sensitive to them. With
-``freeze_bn_epochs=N`` the last ``N`` epochs train with the statistics fixed: at the start of
-epoch ``epochs - N + 1`` they are recomputed on whole fit images (``bn_recalibrate`` of them, 64
-if that is 0) and the BatchNorm layers then stay in evaluation mode while the weights train, so
-training optimises exactly the function that is evaluated (as when a network is fine-tuned at its
-test resolution). The weight average takes the same statistics, and validation no longer
-recalibrates.
-
 The learning rate follows ``scheduler``: ``cosine`` (linear warm-up over ``warmup_epochs``, then a
 cosine decay to ``min_lr_ratio x lr`` at the last step; its length is set by ``epochs``),
 ``plateau`` (divide by ``1 / plateau_factor`` when the validation MAE has not improved for
@@ -160,7 +151,7 @@ RUN_IDENTITY = (
     "density_method", "density_sigma", "optimizer", "lr", "momentum", "weight_decay", "scheduler",
     "warmup_epochs", "min_lr_ratio", "plateau_factor", "plateau_patience", "scale", "loss",
     "count_loss_weight", "grad_clip", "seed", "val_every", "max_fit", "max_val", "amp",
-    "channels_last", "ema_decay", "bn_recalibrate", "freeze_bn_epochs",
+    "channels_last", "ema_decay", "bn_recalibrate",
 )  # fmt: skip
 
 
@@ -182,8 +173,7 @@ class TrainConfig:
     ``count_loss_weight``; ``grad_clip`` (max gradient norm, 0 = off); ``ema_decay`` (weight
     averaging for validation and ``best.pt``, 0 = off; module docstring); ``bn_recalibrate``
     (BatchNorm statistics recomputed on that many whole fit images before each validation, 0 =
-    off; module docstring); ``freeze_bn_epochs`` (the last that many epochs train with BatchNorm
-    statistics fixed, recomputed on whole fit images; module docstring); ``patience`` (stop after
+    off; module docstring); ``patience`` (stop after
     that many epochs without a better validation MAE, 0 = never); ``val_every`` (epochs).
 
     Run: ``out`` folder (None: ``runs/<model>_part<part>``); ``resume`` continues ``out/last.pt``;
@@ -222,7 +212,6 @@ class TrainConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.0
     bn_recalibrate: int = 0
-    freeze_bn_epochs: int = 0
     seed: int = 0
     patience: int = 0
     val_every: int = 1
@@ -273,8 +262,6 @@ class TrainConfig:
             (c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}"),
             (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {c.ema_decay}"),
             (c.bn_recalibrate >= 0, f"--bn-recalibrate must be >= 0 images (0 = off), got {c.bn_recalibrate}"),
-            (0 <= c.freeze_bn_epochs <= c.epochs,
-             f"--freeze-bn-epochs must be in [0, --epochs], got {c.freeze_bn_epochs}"),
             (c.patience >= 0, f"--patience must be >= 0 (0 = off), got {c.patience}"),
             (c.val_every >= 1, f"--val-every must be >= 1, got {c.val_every}"),
             (c.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {c.checkpoint_every}"),
@@ -586,14 +573,6 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""  # "time" when the last call ran out of max_minutes
     time_stop: dict[str, Any] | None = None
-    bn_frozen: bool = False  # BatchNorm statistics recomputed and fixed (freeze_bn_epochs)
-
-
-def _batchnorm_layers(module) -> list:
-    import torch
-
-    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
-    return [m for m in module.modules() if isinstance(m, norms)]
 
 
 def ema_update(ema_model, model, decay: float, step: int) -> None:
@@ -625,14 +604,16 @@ def recalibrate_batchnorm(model, images, *, channels_last: bool = False, amp: bo
 
     import torch
 
-    if not _batchnorm_layers(model):
+    norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    if not any(isinstance(m, norms) for m in model.modules()):
         return model
     fresh = copy.deepcopy(model)
     momenta = {}
-    for m in _batchnorm_layers(fresh):
-        m.reset_running_stats()
-        momenta[m] = m.momentum
-        m.momentum = None  # cumulative average
+    for m in fresh.modules():
+        if isinstance(m, norms):
+            m.reset_running_stats()
+            momenta[m] = m.momentum
+            m.momentum = None  # cumulative average
     fresh.train()
     device = next(fresh.parameters()).device
     seen = 0
@@ -807,8 +788,8 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                              gray_prob=cfg.gray_prob, seed=cfg.seed, **common)
     val_set = CrowdDataset(val_records, "eval", **common)
     # whole fit images (as validation prepares them) for the BatchNorm recalibration
-    recal_set = (CrowdDataset(take_evenly(fit_records, cfg.bn_recalibrate or 64), "eval", **common)
-                 if cfg.bn_recalibrate or cfg.freeze_bn_epochs else None)
+    recal_set = (CrowdDataset(take_evenly(fit_records, cfg.bn_recalibrate), "eval", **common)
+                 if cfg.bn_recalibrate else None)
     loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, device=device,
                          workers=workers, distributed=d.enabled)
     val_loader = make_loader(val_set, 1, shuffle=False, seed=cfg.seed, device=device,
@@ -832,40 +813,12 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
             p.requires_grad_(False)
     eval_model = ema_model if ema_model is not None else model  # validated and kept as best.pt
 
-    def recalibrated(module):
-        images = (recal_set[i][0][None] for i in range(len(recal_set)))
-        return recalibrate_batchnorm(module, images, channels_last=channels_last, amp=use_amp)
-
     def validated_model():
         """The weights to validate and keep as best.pt (recalibrated copy if bn_recalibrate)."""
-        if not cfg.bn_recalibrate or state.bn_frozen:
+        if recal_set is None:
             return eval_model
-        return recalibrated(eval_model)
-
-    def freeze_batchnorm() -> None:
-        """Recompute the live model's BatchNorm statistics on whole fit images; the average takes
-        the same ones. (Deterministic: every process computes the same values.)"""
-        import torch
-
-        fresh = _batchnorm_layers(recalibrated(model))
-        targets = [_batchnorm_layers(model)] + ([_batchnorm_layers(ema_model)] if ema_model is not None else [])
-        with torch.no_grad():
-            for layers in targets:
-                for bn, new in zip(layers, fresh, strict=True):
-                    bn.running_mean.copy_(new.running_mean)
-                    bn.running_var.copy_(new.running_var)
-        state.bn_frozen = True
-        if d.main:
-            print(f"BatchNorm statistics recomputed on {len(recal_set)} whole fit images and fixed for the "
-                  f"last {cfg.epochs - state.epoch} epochs", flush=True)
-
-    def train_mode() -> None:
-        """Training mode, with the BatchNorm layers in evaluation mode once they are frozen."""
-        net.train()
-        if state.bn_frozen:
-            for bn in _batchnorm_layers(model):
-                bn.eval()
-
+        images = (recal_set[i][0][None] for i in range(len(recal_set)))
+        return recalibrate_batchnorm(eval_model, images, channels_last=channels_last, amp=use_amp)
     net = _loss_output_class()(model)
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -953,7 +906,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                 mae, rmse = metrics["mae"], metrics["rmse"]
             mae, rmse = _broadcast_floats([mae, rmse], d)
             _set_rng_state(rng)
-            train_mode()
+            net.train()
         else:
             mae, rmse = float(state.history[-1]["val_mae"]), float(state.history[-1]["val_rmse"])
         label = epoch + 1 if partial else epoch
@@ -999,15 +952,12 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                   f"{len(val_records)} val images from {root}, device {device}"
                   + (f" x {d.world} processes" if d.enabled else "")
                   + f", epoch {state.epoch + 1} of {cfg.epochs}, out {out}", flush=True)
-    train_mode()
+    net.train()
     while state.epoch < cfg.epochs and not state.stopped_early:
         if time_is_up():
             stop_for_time()
             break
         epoch = state.epoch
-        if cfg.freeze_bn_epochs and epoch >= cfg.epochs - cfg.freeze_bn_epochs and not state.bn_frozen:
-            freeze_batchnorm()
-            train_mode()
         lr_used = float(optimizer.param_groups[0]["lr"])
         t0 = epoch_t0 = time.perf_counter() - state.epoch_seconds
         out_of_time = False
@@ -1078,7 +1028,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
                                           amp=use_amp, channels_last=channels_last)
                 mae, rmse = metrics["mae"], metrics["rmse"]
             mae, rmse = _broadcast_floats([mae, rmse], d)
-            train_mode()
+            net.train()
         if scheduler is not None and cfg.scheduler == "plateau" and validate:
             scheduler.step(mae)
         improved = validate and math.isfinite(mae) and mae < state.best_val_mae
@@ -1199,8 +1149,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema-decay", type=float, help="validate and keep an average of the weights, e.g. 0.99; 0 = off (default)")
     a("--bn-recalibrate", type=int, metavar="N",
       help="recompute BatchNorm statistics on N whole fit images before each validation; 0 = off (default)")
-    a("--freeze-bn-epochs", type=int, metavar="N",
-      help="train the last N epochs with BatchNorm statistics fixed (recomputed on whole fit images); 0 = off")
     a("--seed", type=int, help="random seed (default 0)")
     a("--patience", type=int, help="early stopping after N epochs without improvement, 0 = off")
     a("--val-every", type=int, help="validate every N epochs (default 1)")

@@ -302,41 +302,6 @@ def test_bn_recalibrated_run_resumes_exactly_and_saves_the_recalibrated_weights(
         train(_config(tmp_path / "bad", epochs=1, bn_recalibrate=-1))
 
 
-def test_frozen_batchnorm_epochs_resume_exactly_and_keep_the_statistics_fixed(env, tmp_path, monkeypatch):
-    kw = {"ema_decay": 0.9, "bn_recalibrate": 3, "freeze_bn_epochs": 2, "epochs": 4, "checkpoint_every": 0}
-    direct = train(_config(tmp_path / "direct", **kw))
-    # the same run cut by its time budget in the middle of a frozen epoch, then resumed: a simulated
-    # clock that advances one second per reading (once at the start, once per epoch, once per
-    # step; 6 steps per epoch) runs out at step 3 of epoch 3, after the freeze
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(train_mod, "_clock", lambda: float(next(ticks)))
-    cut = train(_config(tmp_path / "cut", max_minutes=18 / 60, **kw))
-    monkeypatch.setattr(train_mod, "_clock", time.perf_counter)
-    stopped = load_checkpoint(cut.last)
-    assert cut.stop_reason == "time" and stopped["epoch"] == 2 and stopped["batch_in_epoch"] > 0
-    assert stopped["bn_frozen"] is True
-    resumed = train(_config(tmp_path / "cut", resume=True, **kw))
-    a, b = load_checkpoint(direct.last), load_checkpoint(resumed.last)
-    _assert_same_tensors(a["model"], b["model"])
-    _assert_same_tensors(a["ema"], b["ema"])
-    assert a["bn_frozen"] is True
-    # frozen: the statistics did not move after the freeze (the model's, the average's and those
-    # of the checkpoint written mid-way through the frozen epochs are all the same)
-    running = [k for k in a["model"] if "running" in k]
-    assert running
-    for key in running:
-        assert torch.equal(a["model"][key], stopped["model"][key]), key
-        # (the average of equal values, to float rounding)
-        torch.testing.assert_close(a["ema"][key], a["model"][key], rtol=1e-6, atol=1e-7)
-    # ... but the weights trained on
-    assert any(not torch.equal(a["model"][k], stopped["model"][k]) for k in a["model"] if k.endswith("weight"))
-    # the frozen statistics are the recalibration of the weights at the freeze, not the running averages
-    assert not all(torch.equal(a["model"][k], load_checkpoint(direct.best)["model"][k]) for k in running) or \
-        direct.best_epoch >= 3
-    with pytest.raises(CrowdError, match="freeze-bn-epochs"):
-        train(_config(tmp_path / "bad", epochs=2, freeze_bn_epochs=3))
-
-
 def test_early_stopping_and_best_epoch(env, tmp_path, monkeypatch):
     maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])
 
