@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/accuracy.py --part B --minutes 25 --threads 1     # writes runs/accuracy_B/
+    python benchmarks/accuracy.py --part B --minutes 25 --threads 1 --fit-epochs   # runs/accuracy_B/
     python benchmarks/accuracy.py --part B --minutes 4 --set lr=5e-4 --out runs/acc_try
 
 1. Trains HeatmapCNN from random init with :func:`helpers.recipes.recommended_config` (full
