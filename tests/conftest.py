@@ -32,6 +32,19 @@ def write_tiny_shtech(root: Path, n_images: int = 12, seed: int = 0) -> Path:
     return root
 
 
+@pytest.fixture()
+def one_thread():
+    """Run the test with one torch CPU thread (like subprocesses with OMP_NUM_THREADS=1): tiny
+    models run fastest that way on a shared machine. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_shtech(tmp_path_factory) -> Path:
     """12 tiny images (fit 11, val 1) for training tests; shared by the session, never modified."""

@@ -17,12 +17,7 @@ needs_x86 = pytest.mark.skipif(fi.ENGINE not in torch.backends.quantized.support
                                reason="this PyTorch build has no x86 quantization engine")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def blob_image(seed: int, shape=(192, 256)) -> np.ndarray:

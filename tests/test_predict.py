@@ -26,13 +26,7 @@ from helpers.predict import Prediction, as_rgb_uint8, count, upsample_density
 WHITE_R = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- toy models

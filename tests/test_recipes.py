@@ -10,10 +10,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from helpers import train as train_mod
 from helpers.checkpoints import load_checkpoint, load_model
@@ -21,7 +19,6 @@ from helpers.data import list_records
 from helpers.errors import CrowdError
 from helpers.recipes import FULL, QUICK, epochs_for_budget, recommended_config
 from helpers.samples import CrowdDataset
-from helpers.synth import write_points_mat
 from helpers.train import TrainConfig, evaluate_counts, train
 
 # --------------------------------------------------------------------------- recipes
@@ -81,23 +78,10 @@ def test_epochs_for_budget():
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """12 noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B."""
-    root = tmp_path_factory.mktemp("tiny_budget")
-    rng = np.random.default_rng(1)
-    images, gts = root / "part_B" / "train_data" / "images", root / "part_B" / "train_data" / "ground-truth"
-    images.mkdir(parents=True)
-    gts.mkdir(parents=True)
-    h, w = 96, 128
-    for i in range(1, 13):
-        k = int(rng.integers(3, 30))
-        pts = np.column_stack([rng.uniform(0, w, k), rng.uniform(0, h, k)])
-        img = (rng.random((h, w, 3)) * 60 + 100).astype(np.uint8)
-        for x, y in pts:
-            img[max(0, int(y) - 2) : int(y) + 3, max(0, int(x) - 2) : int(x) + 3] = 20
-        Image.fromarray(img).save(images / f"IMG_{i}.jpg", quality=90)
-        write_points_mat(gts / f"GT_IMG_{i}.mat", pts)
-    return root
+def tiny_root(tiny_shtech) -> Path:
+    """12 noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B
+    (tests/conftest.py)."""
+    return tiny_shtech
 
 
 def test_max_minutes_stops_mid_epoch_validates_and_resumes_exactly(tiny_root, tmp_path, monkeypatch):

@@ -32,12 +32,7 @@ from helpers.train import TrainConfig, history_csv
 HEADS_PER_IMAGE = 7  # every image of the tiny set has this many heads: the val mean is 7 exactly
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

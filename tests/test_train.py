@@ -56,14 +56,7 @@ def env(tiny_root, tmp_path, monkeypatch) -> dict[str, str]:
     return full
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs use one CPU thread, like the subprocesses (OMP_NUM_THREADS=1): faster for
-    a tiny model on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cli(args, env, **kwargs) -> subprocess.Popen:
