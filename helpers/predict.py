@@ -17,7 +17,7 @@ Tiled inference
 ---------------
 A 24 MP phone photo does not fit through a network at once on a laptop: the first layer of CSRNet
 alone holds 64 channels x 24 M pixels x 4 bytes = 6 GB. Large images are therefore cut into
-``tile x tile`` tiles (default 1024 px) that start every ``tile - overlap`` pixels; tile size,
+``tile x tile`` tiles (default 768 px) that start every ``tile - overlap`` pixels; tile size,
 overlap and margin are multiples of the stride, so every tile's output cells line up with the
 whole-image grid. Each tile is normalised and run on its own, so memory does not grow with the
 image except for two ``ceil(H/s) x ceil(W/s)`` float64 accumulators and the uint8 image itself.
@@ -92,8 +92,10 @@ from helpers.errors import CrowdError, ImageReadError
 #: Images with more pixels than this are tiled automatically (2.5 MP, e.g. 1920 x 1300). A
 #: HeatmapCNN (width 32) forward pass over 2.5 MP takes about 0.3 GB on a CPU, CSRNet about 2 GB.
 AUTO_TILE_PIXELS = 2_500_000
-#: Default tile side (pixels) for tiled inference.
-DEFAULT_TILE = 1024
+#: Default tile side (pixels) for tiled inference. With CSRNet's 144-px context margin a float32
+#: forward pass sees 1056 x 1056 px; counting a 4000 x 3000 photo so peaks at about 1.6 GB of
+#: resident memory on a CPU, against 2.0 GB with 1024-px tiles (``benchmarks/inference.py``).
+DEFAULT_TILE = 768
 #: Default overlap between neighbouring tiles (pixels).
 DEFAULT_OVERLAP = 128
 #: Largest image accepted (pixels), as for reading dataset images (helpers.data).
