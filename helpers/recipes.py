@@ -50,7 +50,7 @@ Why these settings (HeatmapCNN)
   29.5 without either, 28.3 with weight averaging alone, 21.1 and 21.5 with both (two runs;
   bias -3.8 and -2.7).
 * **Tried and not kept** (same 25-minute Part B runs, judged by validation MAE; test MAE in
-  brackets): crops of 256 x 256 in batches of 8 with the whole-image BatchNorm statistics,
+  parentheses): crops of 256 x 256 in batches of 8 with the whole-image BatchNorm statistics,
   validation 31.1 against 18.2 (test 29.0, whole images undercounted by 25 people); stronger
   rescaling 0.6-1.5, validation 20.1 (test 23.6, bias -12); freezing BatchNorm for the last
   third of training, validation 45-50; a learning rate of 3e-4, slower. In every run the
