@@ -48,7 +48,7 @@ test: $(STAMP)
 	exit $$fail
 
 report: $(STAMP)
-	$(PY) -m helpers.report
+	$(PY) -m helpers.tools.report
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

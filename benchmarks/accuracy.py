@@ -5,7 +5,7 @@
     python benchmarks/accuracy.py --part B --minutes 25 --threads 1 --fit-epochs   # runs/accuracy_B/
     python benchmarks/accuracy.py --part B --minutes 4 --set lr=5e-4 --out runs/acc_try
 
-1. Trains HeatmapCNN from random init with :func:`helpers.recipes.recommended_config` (full
+1. Trains HeatmapCNN from random init with :func:`helpers.tools.recipes.recommended_config` (full
    mode) and a hard budget ``max_minutes`` (:mod:`helpers.train`). ``epochs`` is the recipe's
    unless ``--epochs`` is given; ``--fit-epochs`` sets it from a short speed measurement so that
    the cosine schedule ends inside the budget. A run that is cut by the budget validates the
@@ -124,7 +124,7 @@ def predict_counts(model, scale: float, records, resize: float) -> list[float]:
 
 def evaluate_checkpoint(best: Path, part: str, split: str, root: str, cfg) -> dict[str, Any]:
     """Counts of every image of ``split`` by the checkpoint ``best`` (whole images, eval mode)."""
-    from helpers.checkpoints import load_model
+    from helpers.tools.checkpoints import load_model
     from helpers.data import list_records
     from helpers.samples import CrowdDataset
 
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from helpers.data import resolve_data_source
-    from helpers.fileio import write_json_atomic
-    from helpers.recipes import epochs_for_budget, recommended_config
+    from helpers.tools.fileio import write_json_atomic
+    from helpers.tools.recipes import epochs_for_budget, recommended_config
     from helpers.train import TrainConfig, train
 
     if args.threads is not None:

@@ -9,7 +9,7 @@ For CSRNet and HeatmapCNN it prints:
 
 1. **Speed** on one 1024 x 768 image (a Part B test photo, or noise without the dataset):
    images/s of plain eager float32 (``model.eval()``, ``torch.no_grad()``, NCHW) and of the fast
-   path :func:`helpers.fast_inference.prepare_fast_cpu` (``inference_mode``, BatchNorm folded,
+   path :func:`helpers.tools.fast_inference.prepare_fast_cpu` (``inference_mode``, BatchNorm folded,
    ``channels_last``, int8 where the CPU has fast int8, calibrated on ``--calibration`` training
    images), and the ratio. The median of ``--repeats`` runs after one warm-up run.
 2. **Counts**: the mean relative difference ``|fast - float32| / float32`` over the Part B test
@@ -49,7 +49,7 @@ def load(model_name: str, checkpoint: str | None):
     """``(model, scale, input_scale, label)``: the checkpoint's weights, or random ones."""
     import torch
 
-    from helpers.checkpoints import load_model
+    from helpers.tools.checkpoints import load_model
     from helpers.models import build_model
 
     if checkpoint and Path(checkpoint).is_file():
@@ -144,7 +144,7 @@ def peak_memory(model_name: str, checkpoint: str | None, fast: bool, threads: in
 def bench(model_name: str, checkpoint: str | None, args, test_records, fit_root) -> dict[str, Any]:
     import torch
 
-    from helpers.fast_inference import (
+    from helpers.tools.fast_inference import (
         calibration_tensors,
         has_fast_int8,
         prepare_fast_cpu,
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from helpers.data import list_records, resolve_data_source, take_evenly
-    from helpers.fast_inference import has_fast_int8
+    from helpers.tools.fast_inference import has_fast_int8
 
     source = resolve_data_source()
     root = str(source.root)

@@ -9,7 +9,7 @@ For each model it measures, at a stated crop size and resolution,
 
 * **ours**: :class:`helpers.samples.CrowdDataset` with the in-memory cache (images decoded,
   resized and their densities read once), batches and workers as
-  :func:`helpers.recipes.recommended_config` sets them, Adam steps as in :mod:`helpers.train`;
+  :func:`helpers.tools.recipes.recommended_config` sets them, Adam steps as in :mod:`helpers.train`;
 * **plain**: what the original CSRNet code does for every sample: decode the JPEG with PIL, read
   the density from its HDF5 file with h5py (the project's cache files), resize both when the
   recipe trains at reduced resolution, random crop and flip, normalise, sum-pool the target to
@@ -115,8 +115,9 @@ def bench_model(model_name: str, part: str, root: str, n_images: int, steps: int
 
     from helpers.data import list_records, take_evenly
     from helpers.density import DensityParams, load_density
-    from helpers.recipes import recommended_config
-    from helpers.samples import CrowdDataset, make_loader
+    from helpers.tools.recipes import recommended_config
+    from helpers.samples import CrowdDataset
+    from helpers.tools.loading import make_loader
 
     cfg = recommended_config(model_name, part, "unused", quick=False)
     crop = int(crop or cfg.crop)

@@ -108,7 +108,7 @@ def resolve_data_source(root: str | Path | None = None, *, allow_synthetic: bool
             "Download ShanghaiTech as described in data/README.md, then set CROWD_DATA to the "
             "folder that holds part_A and part_B."
         )
-    from helpers import synth
+    from helpers.tools import synth
 
     return DataSource(synth.ensure_synthetic(), synthetic=True, origin="synthetic")
 

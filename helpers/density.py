@@ -726,7 +726,7 @@ def _write_cached(path: Path, density: np.ndarray, attrs: dict) -> None:
 
     import h5py
 
-    from helpers.fileio import atomic_path
+    from helpers.tools.fileio import atomic_path
 
     try:
         buffer = io.BytesIO()
@@ -811,7 +811,7 @@ def build_cache(
     """
     from tqdm.auto import tqdm
 
-    from helpers.fileio import remove_stale_temp_files
+    from helpers.tools.fileio import remove_stale_temp_files
 
     start = time.perf_counter()
     # Temporary files of a build that was killed mid-write: never read, but they pile up.

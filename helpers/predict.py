@@ -50,10 +50,10 @@ By default everything runs in float32. ``fast=True`` switches to the fast path o
 * **CUDA**: the network runs under ``torch.autocast`` (float16) in ``channels_last`` memory
   format: faster on GPUs with tensor cores, with counts that differ slightly through float16
   rounding.
-* **CPU**: :func:`helpers.fast_inference.prepare_fast_cpu`: BatchNorm folded into the
+* **CPU**: :func:`helpers.tools.fast_inference.prepare_fast_cpu`: BatchNorm folded into the
   convolutions, ``channels_last``, and int8 quantization where the processor has fast int8
   (VNNI/AMX). The int8 model is calibrated once per model on ``calibration`` images (RGB arrays;
-  :func:`helpers.fast_inference.training_calibration` gives training images), or, if none are
+  :func:`helpers.tools.fast_inference.training_calibration` gives training images), or, if none are
   given, on the first image counted; it is then kept for the next calls. ``benchmarks/inference.py``
   measures on a 2-core AVX-512 VNNI CPU: CSRNet about 7x and HeatmapCNN about 5x faster, counts
   within about 1% of float32 on average. Worth it for many images or large photos; the first call
@@ -285,14 +285,14 @@ def load_image(image: Any, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def load_cached_model(path: str | Path, device: Any = None):
-    """``helpers.checkpoints.load_model(path, device)``, remembered per file, version and device.
+    """``helpers.tools.checkpoints.load_model(path, device)``, remembered per file, version and device.
 
     A checkpoint that changes on disk (new modification time or size) is loaded again. At most
     :data:`MODEL_CACHE_SIZE` models are kept.
     """
 
     from helpers import config
-    from helpers.checkpoints import load_model
+    from helpers.tools.checkpoints import load_model
 
     path = Path(path).expanduser()
     dev = config.pick_device(None if device is None else str(device))
@@ -411,13 +411,13 @@ _FAST_CPU_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fast_cpu_model(module, calibration: Any, from_counted_image: bool):
-    """:func:`helpers.fast_inference.prepare_fast_cpu` of ``module``, made once and kept.
+    """:func:`helpers.tools.fast_inference.prepare_fast_cpu` of ``module``, made once and kept.
 
     Prepared again when the module's weights change (their version counters) or when other
     calibration images are passed. ``calibration``: one RGB array (the image counted) or a
     sequence of images (arrays or paths).
     """
-    from helpers.fast_inference import calibration_tensors, has_fast_int8, prepare_fast_cpu
+    from helpers.tools.fast_inference import calibration_tensors, has_fast_int8, prepare_fast_cpu
 
     weights = tuple(t._version for t in module.state_dict().values())
     key = (weights, None if from_counted_image else id(calibration))
@@ -534,7 +534,7 @@ def count(
             as a phone shows the photo), a PIL image or an array (used as they are, see
             :func:`as_rgb_uint8`).
         model: an ``nn.Module`` returning ``(1, 1, H/s, W/s)`` for a ``(1, 3, H, W)`` normalised
-            input, or a checkpoint path (:func:`helpers.checkpoints.load_model`, loaded once
+            input, or a checkpoint path (:func:`helpers.tools.checkpoints.load_model`, loaded once
             and kept, see :func:`load_cached_model`).
         scale: the model predicts ``people x scale``. Default: the checkpoint's ``scale``; for a
             module its ``density_scale`` attribute if it has one, else 1.0.

@@ -22,7 +22,7 @@ Ground-truth densities are tiny (about 1e-3 people per pixel, 0.01-0.5 per 8 x 8
 so a pixel-wise MSE on raw maps is tiny too and its gradients vanish next to the weight decay
 and the optimiser's epsilon. The targets are therefore multiplied by ``scale`` (default 100) and
 the network learns ``scale x density``; ``scale`` is stored in every checkpoint and
-:func:`helpers.checkpoints.load_model` returns it, so predictions are divided by it
+:func:`helpers.tools.checkpoints.load_model` returns it, so predictions are divided by it
 automatically. The loss is::
 
     loss = MSE(pred, scale * target)  +  count_loss_weight * mean_b((sum(pred_b) - sum(scale * target_b)) / scale)^2
@@ -98,7 +98,7 @@ exact position. That validation runs after the deadline, so the call ends a few 
 ``TrainResult.time_stop`` says where it stopped; ``resume=True`` continues exactly from there
 with a new budget. The epochs, and with them the cosine schedule, are set by ``epochs`` as
 usual: choose ``epochs`` so that they fit in the budget if the learning rate should have
-decayed by the end (:func:`helpers.recipes.epochs_for_budget`).
+decayed by the end (:func:`helpers.tools.recipes.epochs_for_budget`).
 
 Quick mode (``CROWD_QUICK=1``) trains on 16 ``fit`` images and validates on 6, unless
 ``max_fit`` / ``max_val`` say otherwise.
@@ -501,7 +501,7 @@ def _loss_output_class():
 
 def _saved_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """Model constructor arguments as stored in checkpoints (no init-only ones such as pretrained)."""
-    from helpers.checkpoints import INIT_ONLY_KWARGS
+    from helpers.tools.checkpoints import INIT_ONLY_KWARGS
 
     return {k: v for k, v in cfg.model_kwargs.items() if k not in INIT_ONLY_KWARGS}
 
@@ -668,7 +668,7 @@ def evaluate_counts(model, dataset, scale: float, device=None, *, loader=None,
     import torch
     from tqdm.auto import tqdm
 
-    from helpers.samples import make_loader
+    from helpers.tools.loading import make_loader
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if loader is None:
@@ -720,12 +720,13 @@ def train(config: TrainConfig, callback: Callable[[dict[str, Any]], None] | None
 def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
     import torch
 
-    from helpers.checkpoints import load_checkpoint, save_checkpoint
+    from helpers.tools.checkpoints import load_checkpoint, save_checkpoint
     from helpers.data import list_records, resolve_data_source, take_evenly
     from helpers.density import DensityParams
-    from helpers.fileio import remove_stale_temp_files, write_json_atomic, write_text_atomic
+    from helpers.tools.fileio import remove_stale_temp_files, write_json_atomic, write_text_atomic
     from helpers.models import build_model
-    from helpers.samples import CrowdDataset, make_loader
+    from helpers.samples import CrowdDataset
+    from helpers.tools.loading import make_loader
 
     started = _clock()
     cfg = config.resolved()
@@ -834,7 +835,7 @@ def _train(config: TrainConfig, callback, d: _Dist) -> TrainResult:
 
     state = _State()
     if ckpt is not None:
-        from helpers.checkpoints import check_state_dict, strip_prefix
+        from helpers.tools.checkpoints import check_state_dict, strip_prefix
 
         model_state = strip_prefix(ckpt["model"])
         check_state_dict(model, model_state, str(last_path), cfg.model)
@@ -1172,7 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge command-line options over the defaults (or, with --resume, over the stored run)."""
-    from helpers.checkpoints import load_checkpoint
+    from helpers.tools.checkpoints import load_checkpoint
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model_arg", "pretrained", "json")}
     given["resume"] = bool(args.resume)

@@ -13,7 +13,7 @@ def write_tiny_shtech(root: Path, n_images: int = 12, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from helpers.synth import write_points_mat
+    from helpers.tools.synth import write_points_mat
 
     rng = np.random.default_rng(seed)
     images = root / "part_B" / "train_data" / "images"

@@ -7,7 +7,7 @@ every stage that can meet it:
     density    helpers.density       load_density (ground truth, HDF5 cache under CROWD_CACHE)
     samples    helpers.samples       CrowdDataset (train crop and eval) through make_loader
     predict    helpers.predict       count(path, checkpoint) and the command line
-    evaluate   helpers.evaluate      evaluate_checkpoint and the command line
+    evaluate   helpers.tools.evaluate      evaluate_checkpoint and the command line
 
 Each stage ends either in a documented policy (checked: the counts that come out) or in one
 project exception (:class:`helpers.errors.CrowdError` subclass) whose one-line message names the
@@ -36,7 +36,10 @@ import scipy.io
 import torch
 from PIL import Image
 
-from helpers import checkpoints, config, data, evaluate, fileio, predict
+from helpers import config, data, predict
+from helpers.tools import checkpoints
+from helpers.tools import evaluate
+from helpers.tools import fileio
 from helpers import density as dens
 from helpers.errors import (
     AnnotationError,
@@ -46,8 +49,9 @@ from helpers.errors import (
     ImageReadError,
 )
 from helpers.models import HeatmapCNN
-from helpers.samples import CrowdDataset, make_loader
-from helpers.synth import write_points_mat
+from helpers.samples import CrowdDataset
+from helpers.tools.loading import make_loader
+from helpers.tools.synth import write_points_mat
 
 H, W = 40, 56  # every test image fits in one 64 x 64 training crop, so crops hold every head
 CROP = 64
@@ -818,7 +822,7 @@ import resource, signal, sys
 from pathlib import Path
 import torch
 from helpers import data, density
-from helpers.checkpoints import save_checkpoint
+from helpers.tools.checkpoints import save_checkpoint
 from helpers.errors import CacheError, CheckpointError
 
 ckpt, root, limit = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

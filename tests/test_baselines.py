@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import baselines
-from helpers.baselines import (
+from helpers.tools import baselines
+from helpers.tools.baselines import (
     PUBLISHED_RESULTS,
     HogPeopleDetector,
     MeanCountBaseline,
@@ -16,8 +16,8 @@ from helpers.baselines import (
     published_summaries,
 )
 from helpers.data import ImageRecord
-from helpers.evaluate import evaluate_predictor
-from helpers.synth import write_points_mat
+from helpers.tools.evaluate import evaluate_predictor
+from helpers.tools.synth import write_points_mat
 
 needs_hog = pytest.mark.skipif(
     not baselines.hog_available(),

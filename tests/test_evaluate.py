@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import evaluate
-from helpers.checkpoints import save_checkpoint
+from helpers.tools import evaluate
+from helpers.tools.checkpoints import save_checkpoint
 from helpers.data import list_records, read_points
 from helpers.models import HeatmapCNN
-from helpers.synth import write_points_mat
+from helpers.tools.synth import write_points_mat
 
 H, W = 96, 128
 N_TEST, N_TRAIN = 6, 4
@@ -132,7 +132,7 @@ def test_aggregates_equal_numpy_computations_from_the_csv(result, tiny_root, tmp
 
 
 def test_counts_match_training_validation_at_the_checkpoint_resize(result, tiny_root, tiny_ckpt, env):
-    from helpers.checkpoints import load_model
+    from helpers.tools.checkpoints import load_model
     from helpers.samples import CrowdDataset
     from helpers.train import evaluate_counts
 
@@ -208,7 +208,7 @@ def test_quick_mode_limit_and_buckets(tiny_root, monkeypatch):
 
 
 def test_results_table_and_files(result, tmp_path):
-    from helpers.baselines import published_summaries
+    from helpers.tools.baselines import published_summaries
 
     results = {"tiny": result, **published_summaries("B")}
     table = evaluate.results_table(results)
@@ -228,7 +228,7 @@ def test_results_table_and_files(result, tmp_path):
 
 
 def _run(args, env, timeout=120):
-    return subprocess.run([sys.executable, "-m", "helpers.evaluate", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "helpers.tools.evaluate", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

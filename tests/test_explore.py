@@ -10,7 +10,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from helpers import data, explore
+from helpers import data
+from helpers.analysis import explore, tables
 from helpers.errors import AnnotationError, ImageReadError
 from helpers.viz.common import figure_png
 
@@ -139,7 +140,7 @@ def test_summarize_counts_against_numpy():
 
 
 def test_markdown_table_layout():
-    text = explore.markdown_table({"A/train": {"n": 3, "total": 12345, "mean": 2.25}})
+    text = tables.markdown_table({"A/train": {"n": 3, "total": 12345, "mean": 2.25}})
     lines = text.splitlines()
     assert lines[0] == "| | n | total | mean |"
     assert lines[1] == "|---|---|---|---|"

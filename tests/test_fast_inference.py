@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from helpers import fast_inference as fi
+from helpers.tools import fast_inference as fi
 from helpers import predict
 from helpers.models import CSRNet, HeatmapCNN
 from helpers.samples import normalize_image

@@ -38,9 +38,9 @@ import torch
 
 from helpers import data
 from helpers import density as dens
-from helpers.checkpoints import load_checkpoint
+from helpers.tools.checkpoints import load_checkpoint
 from helpers.errors import CheckpointError
-from helpers.fileio import stale_temp_files
+from helpers.tools.fileio import stale_temp_files
 from helpers.train import read_history
 
 TRAIN_ARGS = [
@@ -434,7 +434,7 @@ def test_cache_partial_and_damaged_files_are_rebuilt(cache_env):
 
 def test_stale_temp_files_spare_running_writers(tmp_path):
     """Only temporary files whose writer process has ended are stale."""
-    from helpers.fileio import atomic_path, remove_stale_temp_files
+    from helpers.tools.fileio import atomic_path, remove_stale_temp_files
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

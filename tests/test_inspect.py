@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from helpers import inspect as insp
+from helpers.analysis import diagnostics as insp
 from helpers.data import records_in_folder
 from helpers.models import HeatmapCNN, count_parameters, receptive_field
 from helpers.samples import CrowdDataset, normalize_image

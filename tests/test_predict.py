@@ -17,7 +17,7 @@ from scipy import ndimage
 from torch import nn
 
 from helpers import predict
-from helpers.checkpoints import save_checkpoint
+from helpers.tools.checkpoints import save_checkpoint
 from helpers.errors import CheckpointError, ImageReadError
 from helpers.models import IMAGENET_MEAN, IMAGENET_STD, HeatmapCNN
 from helpers.predict import Prediction, as_rgb_uint8, count, upsample_density

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from helpers import train as train_mod
-from helpers.checkpoints import load_checkpoint, load_model
+from helpers.tools.checkpoints import load_checkpoint, load_model
 from helpers.data import list_records
 from helpers.errors import CrowdError
-from helpers.recipes import FULL, QUICK, epochs_for_budget, recommended_config
+from helpers.tools.recipes import FULL, QUICK, epochs_for_budget, recommended_config
 from helpers.samples import CrowdDataset
 from helpers.train import TrainConfig, evaluate_counts, train
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import report
+from helpers.tools import report
 from helpers.errors import CrowdError
-from helpers.evaluate import KeptImage, summarize, write_results
+from helpers.tools.evaluate import KeptImage, summarize, write_results
 
 
 def _pdf_pages(path: Path) -> int:
@@ -28,7 +28,7 @@ def _png(path: Path, seed: int = 0) -> Path:
 
 
 def _rows(true, pred):
-    from helpers.evaluate import bucket_of
+    from helpers.tools.evaluate import bucket_of
 
     return [{"name": f"IMG_{i}", "true_count": int(t), "pred_count": float(p), "error": float(p - t),
              "abs_error": abs(float(p - t)), "bucket": bucket_of(t)}

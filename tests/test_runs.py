@@ -17,16 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import recipes, runs
+from helpers.tools import recipes
+from helpers.tools import runs
 from helpers import train as train_mod
-from helpers.checkpoints import load_model, save_checkpoint
+from helpers.tools.checkpoints import load_model, save_checkpoint
 from helpers.data import DataSource
 from helpers.errors import CheckpointError, CrowdError
-from helpers.fileio import write_json_atomic, write_text_atomic
+from helpers.tools.fileio import write_json_atomic, write_text_atomic
 from helpers.metrics import find_peaks
 from helpers.models import build_model
 from helpers.predict import count
-from helpers.synth import MANIFEST_NAME, write_points_mat
+from helpers.tools.synth import MANIFEST_NAME, write_points_mat
 from helpers.train import TrainConfig, history_csv
 
 HEADS_PER_IMAGE = 7  # every image of the tiny set has this many heads: the val mean is 7 exactly

@@ -12,13 +12,8 @@ from PIL import Image
 from helpers.data import ImageRecord, list_records, load_example, records_in_folder, take_evenly
 from helpers.density import DensityParams, density_map, downsample_density
 from helpers.models import IMAGENET_MEAN, IMAGENET_STD
-from helpers.samples import (
-    CrowdDataset,
-    ResumableSampler,
-    make_loader,
-    resample_density,
-    sample_rng,
-)
+from helpers.samples import CrowdDataset, resample_density, sample_rng
+from helpers.tools.loading import ResumableSampler, make_loader
 
 STRIDE = 8
 MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)

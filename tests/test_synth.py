@@ -13,7 +13,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from helpers import data, synth
+from helpers import data
+from helpers.tools import synth
 from helpers.errors import CrowdError
 
 SMALL = {"part_A/train": 8, "part_A/test": 2, "part_B/train": 3, "part_B/test": 2}

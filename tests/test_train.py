@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers import train as train_mod
-from helpers.checkpoints import load_checkpoint, load_model, save_checkpoint
+from helpers.tools.checkpoints import load_checkpoint, load_model, save_checkpoint
 from helpers.errors import CheckpointError, CrowdError
 from helpers.models import build_model
 from helpers.train import TrainConfig, read_history, train

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from helpers.evaluate import EvaluationResult, KeptImage, summarize  # noqa: E402
+from helpers.tools.evaluate import EvaluationResult, KeptImage, summarize  # noqa: E402
 from helpers.viz import evaluation as ev  # noqa: E402
 
 H, W = 48, 64
@@ -43,7 +43,7 @@ def _density(points, shape=(H, W)):
 
 
 def _rows(true, pred):
-    from helpers.evaluate import bucket_of
+    from helpers.tools.evaluate import bucket_of
 
     return [{"name": f"IMG_{i}", "true_count": t, "pred_count": p, "error": p - t, "abs_error": abs(p - t),
              "bucket": bucket_of(t), "seconds": 0.1} for i, (t, p) in enumerate(zip(true, pred, strict=True))]

@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from helpers import inspect as insp  # noqa: E402
+from helpers.analysis import diagnostics as insp  # noqa: E402
 from helpers.models import HeatmapCNN, effective_kernel, receptive_field, stacked_taps  # noqa: E402
 from helpers.viz import models as vm  # noqa: E402
 

@@ -4,6 +4,6 @@
 drawing helpers; the other modules hold the figures of one topic each.
 """
 
-from helpers.viz.common import add_colorbar, figure_png, new_figure, save_figure
+from helpers.viz.common import add_colorbar, figure_png, new_figure, save_figure, show_source
 
-__all__ = ["add_colorbar", "figure_png", "new_figure", "save_figure"]
+__all__ = ["add_colorbar", "figure_png", "new_figure", "save_figure", "show_source"]

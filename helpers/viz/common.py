@@ -23,7 +23,7 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> list[Path]:
     Returns the two paths. Each file is written to a temporary name first and then renamed, so an
     interrupted save never leaves a broken figure behind.
     """
-    from helpers.fileio import atomic_path
+    from helpers.tools.fileio import atomic_path
 
     out_dir = Path(folder) if folder is not None else config.figures_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,15 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> list[Path]:
             fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=ext)
         paths.append(target)
     return paths
+
+
+def finish_figure(fig, name: str | None, tight: bool = False):
+    """Lay out ``fig`` (``tight``), save it under ``name`` when one is given, and return it."""
+    if tight:
+        fig.tight_layout()
+    if name is not None:
+        save_figure(fig, name)
+    return fig
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 4.0, **kwargs):
@@ -67,3 +76,23 @@ def figure_png(fig, dpi: int = 100, close: bool = True) -> bytes:
     if close:
         plt.close(fig)
     return buffer.getvalue()
+
+
+def show_source(obj) -> object:
+    """The source code of a function or class, highlighted, for display in a notebook.
+
+    Inputs:
+    - obj: a function, class or method (e.g. ``helpers.density.density_map``)
+
+    Returns:
+    - an ``IPython.display.Markdown`` object: the last expression of a cell shows it; its
+      ``.data`` holds the Markdown text (a fenced Python block headed by where the code lives)
+    """
+    import inspect
+
+    from IPython.display import Markdown
+
+    source = inspect.getsource(obj)
+    where = f"{obj.__module__}.{obj.__qualname__}"
+    lines = inspect.getsourcelines(obj)[1]
+    return Markdown(f"`{where}` (line {lines}):\n\n```python\n{source.rstrip()}\n```")

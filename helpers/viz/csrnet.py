@@ -14,14 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
 
 
-def _finish(fig, name: str | None):
-    fig.tight_layout()
-    if name is not None:
-        save_figure(fig, name)
-    return fig
 
 
 def input_paths_1d(layers: Sequence[Any]) -> np.ndarray:
@@ -100,7 +95,7 @@ def plot_csrnet_coverage(rows: Sequence[Any], name: str | None = None):
     ax_line.grid(alpha=0.3, which="both")
     ax_line.legend(fontsize=8, loc="lower center")
     fig.suptitle("CSRNet: gaps of the dilated backend are filled by the dense frontend")
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)
 
 
 def _history_rows(history: Any) -> list[dict[str, float]]:
@@ -149,4 +144,4 @@ def plot_pretrained_comparison(histories: Mapping[str, Any], name: str | None = 
         ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
         fig.suptitle(title)
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)

@@ -1,6 +1,6 @@
 """Figures of the dataset itself: counts, image sizes, perspective, and annotated images.
 
-Each function takes already computed data (see :mod:`helpers.explore`), returns the matplotlib
+Each function takes already computed data (see :mod:`helpers.analysis.explore`), returns the matplotlib
 Figure and, when ``name`` is not None, saves it as ``report/figures/<name>.png`` and ``.pdf``.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
 
 SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange", "fit": "tab:green", "val": "tab:red"}
 PART_TITLES = {"A": "Part A (dense, internet images)", "B": "Part B (sparse, Shanghai streets)"}
@@ -20,18 +20,12 @@ def _parts(stats) -> list[str]:
     return sorted({row.part for row in stats})
 
 
-def _finish(fig, name: str | None, tight: bool = True):
-    if tight:
-        fig.tight_layout()
-    if name is not None:
-        save_figure(fig, name)
-    return fig
 
 
 def count_histograms(stats: Sequence, bins: int = 30, name: str | None = "01_count_histograms"):
     """Histogram of heads per image, one panel per part, one colour per split.
 
-    ``stats`` are :class:`helpers.explore.ImageStats` rows. Bins are shared by the splits of a
+    ``stats`` are :class:`helpers.analysis.explore.ImageStats` rows. Bins are shared by the splits of a
     part so their bars compare directly.
     """
     parts = _parts(stats)
@@ -51,7 +45,7 @@ def count_histograms(stats: Sequence, bins: int = 30, name: str | None = "01_cou
         ax.set_xlabel("heads in the image (count)")
         ax.set_ylabel("number of images")
         ax.legend(fontsize=8)
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)
 
 
 def image_sizes(stats: Sequence, name: str | None = "01_image_sizes"):
@@ -83,13 +77,13 @@ def image_sizes(stats: Sequence, name: str | None = "01_image_sizes"):
         ax.set_ylabel("height H (pixels)")
         ax.set_aspect("equal", adjustable="datalim")
         add_colorbar(fig, sc, ax, "heads in the image (log scale)")
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)
 
 
 def nn_distance_vs_row(profiles: Mapping[str, object], name: str | None = "01_nn_distance_vs_row"):
     """Mean k-NN head distance against normalised row ``y / H``, with the fitted line.
 
-    ``profiles`` maps a label (e.g. ``"A"``) to a :class:`helpers.explore.RowProfile`. The band is
+    ``profiles`` maps a label (e.g. ``"A"``) to a :class:`helpers.analysis.explore.RowProfile`. The band is
     plus/minus one standard deviation of the heads in each bin.
     """
     labels = list(profiles)
@@ -109,7 +103,7 @@ def nn_distance_vs_row(profiles: Mapping[str, object], name: str | None = "01_nn
         ax.set_xlabel("normalised row y / H (0 = top of the image)")
         ax.set_ylabel(f"mean distance to {prof.k} nearest heads (px)")
         ax.legend(fontsize=8, loc="upper left")
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)
 
 
 def draw_points(
@@ -158,7 +152,7 @@ def annotated_grid(
         draw_points(ax, ex.image, ex.points, title=f"{title}: {ex.count} heads, {w}x{h}",
                     marker_scale=0.35)
     fig.suptitle("Images with their head annotations (one red dot per head)")
-    return _finish(fig, name, tight=False)
+    return finish_figure(fig, name, tight=False)
 
 
 def show_example(example, show_points: bool = True, title: str | None = None, name: str | None = None):
@@ -169,4 +163,4 @@ def show_example(example, show_points: bool = True, title: str | None = None, na
     extra = f", {example.report.duplicates} duplicate points" if example.report.duplicates else ""
     draw_points(ax, example.image, example.points, show_points,
                 title=f"{label}: {example.count} heads, {w}x{h} px{extra}")
-    return _finish(fig, name)
+    return finish_figure(fig, name, tight=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
 from helpers.viz.dataset import draw_points
 
 DENSITY_CMAP = "inferno"
@@ -21,12 +21,6 @@ DENSITY_UNITS = "density (people / pixel)"
 VMAX_QUANTILE = 0.999
 
 
-def _finish(fig, name: str | None, tight: bool = False):
-    if tight:
-        fig.tight_layout()
-    if name is not None:
-        save_figure(fig, name)
-    return fig
 
 
 def _vmax(*maps: np.ndarray) -> float:
@@ -107,7 +101,7 @@ def dense_crop(
     axes[2].set_title("distance to the nearest other head", fontsize=9)
     axes[2].set_xlabel("nearest-neighbour distance (pixels)")
     axes[2].set_ylabel("number of heads")
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -148,7 +142,7 @@ def kernel_profiles(
         ax.set_xlabel("offset from the head's pixel (pixels)")
         ax.set_ylabel("weight (fraction of one head per pixel)")
     axes[0].legend(fontsize=7)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- fixed vs adaptive
@@ -182,7 +176,7 @@ def density_comparison(
         for ax, (title, dmap) in zip(row_axes[1:], maps.items(), strict=True):
             total = float(np.asarray(dmap, dtype=np.float64).sum())
             show_density(fig, ax, dmap, title=f"{title}\nsum = {total:.2f}", vmax=top)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def sigma_vs_density(
@@ -227,7 +221,7 @@ def sigma_vs_density(
         ax.set_title(f"{label}: {int(ok.sum())} heads", fontsize=9)
         ax.set_xlabel("local density (heads per 100 x 100 px)")
         ax.set_ylabel("adaptive sigma (pixels)")
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- counts
@@ -275,7 +269,7 @@ def count_errors(rows: Sequence[Mapping], factor: int = 8, name: str | None = "0
     axes[1].set_xscale("log")
     axes[1].set_xlabel("mean |relative count error| (log scale)")
     axes[1].set_title("mean absolute relative error", fontsize=9)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- downsampling
@@ -319,7 +313,7 @@ def downsampling(
     if count is not None:
         fig.suptitle(f"Downsampling a density map by {factor}: the image has {count} heads",
                      fontsize=10)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- one map
@@ -340,4 +334,4 @@ def density_panel(
     show_density(fig, axes[1], density, title=f"density map, sum = {total:.2f}")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, name)
+    return finish_figure(fig, name)

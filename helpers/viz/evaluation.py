@@ -1,12 +1,12 @@
 """Figures of an evaluation: where a model counts right or wrong, and how models compare.
 
-Each function only draws arrays that :mod:`helpers.evaluate` computed, returns the matplotlib
+Each function only draws arrays that :mod:`helpers.tools.evaluate` computed, returns the matplotlib
 Figure and, when ``name`` is given, saves it as ``report/figures/<name>.png`` and ``.pdf``.
 Coordinates are image pixels ``(x, y)``; density maps are ``H x W`` people per pixel.
 
 Several functions take ``results``: a mapping from a model's name to an
-:class:`helpers.evaluate.EvaluationResult`, its ``summary`` dict, its per-image rows (as read by
-:func:`helpers.evaluate.read_csv`), or a ``(true_counts, pred_counts)`` pair (scatter only).
+:class:`helpers.tools.evaluate.EvaluationResult`, its ``summary`` dict, its per-image rows (as read by
+:func:`helpers.tools.evaluate.read_csv`), or a ``(true_counts, pred_counts)`` pair (scatter only).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
 from helpers.viz.density import VMAX_QUANTILE, show_density
 
 TP_COLOUR = "#1a9641"  # matched: green
@@ -36,10 +36,6 @@ def _top(density: np.ndarray) -> float:
     return top if top > 0 else 1.0
 
 
-def _finish(fig, name: str | None):
-    if name is not None:
-        save_figure(fig, name)
-    return fig
 
 
 # --------------------------------------------------------------------------- single images
@@ -58,7 +54,7 @@ def density_overlay(image: np.ndarray, density: np.ndarray, true_count: float, p
 
     label = f"{title} (true {true_count:,.0f})" if title else f"true {true_count:,.0f}"
     fig = overlay_figure(image, density, float(pred_count), title=label, points=points, alpha=alpha)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def block_sums(density: np.ndarray, block: int) -> np.ndarray:
@@ -114,7 +110,7 @@ def error_panels(true_density: np.ndarray, pred_density: np.ndarray, *, block: i
         ax.set_xlabel(f"{w} x {h} px", fontsize=8)
     if title:
         fig.suptitle(title)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def points_figure(image: np.ndarray, pred_points: np.ndarray | None, true_points: np.ndarray, *,
@@ -163,7 +159,7 @@ def points_figure(image: np.ndarray, pred_points: np.ndarray | None, true_points
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}precision {s['precision']:.2f}, recall {s['recall']:.2f}, F1 {s['f1']:.2f} "
                  f"({len(pred)} predicted, {len(true)} annotated)", fontsize=10)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -228,7 +224,7 @@ def count_scatter(results: Mapping[str, Any], *, title: str | None = None, log: 
     ax.set_title(title or "Predicted vs true count per image")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def _buckets_of(item: Any) -> list[Mapping[str, Any]]:
@@ -241,7 +237,7 @@ def _buckets_of(item: Any) -> list[Mapping[str, Any]]:
     rows = _rows_of(item)
     if rows is None:
         raise TypeError("expected an EvaluationResult, a summary dict or per-image rows")
-    from helpers.evaluate import summarize
+    from helpers.tools.evaluate import summarize
 
     return summarize(rows)["buckets"]
 
@@ -249,11 +245,11 @@ def _buckets_of(item: Any) -> list[Mapping[str, Any]]:
 def error_by_bucket(results: Mapping[str, Any], *, title: str | None = None, name: str | None = None):
     """Mean absolute count error per crowd-size bucket, one bar per model (grouped).
 
-    Buckets are ranges of the true count (:data:`helpers.evaluate.BUCKET_EDGES`); the number of
+    Buckets are ranges of the true count (:data:`helpers.tools.evaluate.BUCKET_EDGES`); the number of
     images in each is written under its label. Errors grow with the crowd for every counter; the
     question is how fast.
     """
-    from helpers.evaluate import bucket_labels
+    from helpers.tools.evaluate import bucket_labels
 
     per_model = {label: {b["bucket"]: b for b in _buckets_of(item)} for label, item in results.items()}
     order = [b for b in bucket_labels() if any(b in m for m in per_model.values())]
@@ -278,15 +274,15 @@ def error_by_bucket(results: Mapping[str, Any], *, title: str | None = None, nam
     ax.grid(axis="y", alpha=0.3)
     if per_model:
         ax.legend(fontsize=8)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def best_worst_grid(best: Sequence[Any] | Any, worst: Sequence[Any] | None = None, *, n: int = 4,
                     overlay: bool = True, title: str | None = None, name: str | None = None):
     """The ``n`` best (top row) and ``n`` worst (bottom row) images, counts in the titles.
 
-    ``best``/``worst``: lists of :class:`helpers.evaluate.KeptImage`; or pass an
-    :class:`helpers.evaluate.EvaluationResult` evaluated with ``keep_maps >= n`` as ``best``.
+    ``best``/``worst``: lists of :class:`helpers.tools.evaluate.KeptImage`; or pass an
+    :class:`helpers.tools.evaluate.EvaluationResult` evaluated with ``keep_maps >= n`` as ``best``.
     ``overlay``: draw the predicted density over each photo (transparent where it is zero).
     """
     import matplotlib as mpl
@@ -330,4 +326,4 @@ def best_worst_grid(best: Sequence[Any] | Any, worst: Sequence[Any] | None = Non
         cbar = fig.colorbar(mappable, ax=axes, fraction=0.02, pad=0.01)
         cbar.set_label("predicted density (fraction of each image's 99.9 % quantile)")
     fig.suptitle(title or "Smallest and largest count errors")
-    return _finish(fig, name)
+    return finish_figure(fig, name)

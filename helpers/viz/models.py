@@ -1,7 +1,7 @@
 """Figures and tables about the networks: receptive fields, layer shapes, dilated kernels, outputs.
 
 Each figure function takes already computed data (from :mod:`helpers.models` and
-:mod:`helpers.inspect`), only draws it, returns the matplotlib Figure and, when ``name`` is not
+:mod:`helpers.analysis.diagnostics`), only draws it, returns the matplotlib Figure and, when ``name`` is not
 None, saves it as ``report/figures/<name>.png`` and ``.pdf``. The ``*_markdown`` functions return
 Markdown tables for ``IPython.display.Markdown``.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
 
 DENSITY_CMAP = "inferno"
 KIND_COLORS = {"conv": "tab:blue", "maxpool": "tab:red", "avgpool": "tab:orange"}
@@ -25,10 +25,6 @@ KIND_COLORS = {"conv": "tab:blue", "maxpool": "tab:red", "avgpool": "tab:orange"
 VMAX_QUANTILE = 0.999
 
 
-def _finish(fig, name: str | None):
-    if name is not None:
-        save_figure(fig, name)
-    return fig
 
 
 def _cell_units(stride: int) -> str:
@@ -55,7 +51,7 @@ def receptive_field_markdown(rows: Sequence[Any]) -> str:
 
 
 def layer_shapes_markdown(rows: Sequence[Any], hide_kinds: Sequence[str] = ("BatchNorm2d", "ReLU")) -> str:
-    """Markdown table of :func:`helpers.inspect.layer_shapes` rows.
+    """Markdown table of :func:`helpers.analysis.diagnostics.layer_shapes` rows.
 
     Rows whose kind is in ``hide_kinds`` are left out to keep the table short (batch norm and
     ReLU keep the shape of their input), but their parameters count in the total line.
@@ -154,7 +150,7 @@ def plot_receptive_field_growth(
         ax_jump.legend(fontsize=8, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=11)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def plot_receptive_field_on_image(
@@ -203,7 +199,7 @@ def plot_receptive_field_on_image(
     for ax in axes:
         ax.set_xlabel("x (pixels)")
         ax.set_ylabel("y (pixels)")
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def plot_input_gradient(
@@ -215,9 +211,9 @@ def plot_input_gradient(
 ):
     """Where one output cell looks: ``|d output / d input|`` with the theoretical field outlined.
 
-    ``grad`` ``(H, W)`` from :func:`helpers.inspect.input_gradient`; ``box`` ``(x0, y0, x1, y1)``
+    ``grad`` ``(H, W)`` from :func:`helpers.analysis.diagnostics.input_gradient`; ``box`` ``(x0, y0, x1, y1)``
     inclusive pixel bounds of the theoretical receptive field
-    (:func:`helpers.inspect.receptive_field_box`); ``cell_box`` the same for the output cell's own
+    (:func:`helpers.analysis.diagnostics.receptive_field_box`); ``cell_box`` the same for the output cell's own
     pixels. Left: the gradient magnitude relative to its maximum, log colour scale (1e-3 to 1).
     Right: its profile along x and y through the centre of the field (averaged over 9 rows or
     columns), with the field's edges as dashed lines.
@@ -265,7 +261,7 @@ def plot_input_gradient(
     ax_prof.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- dilated kernels
@@ -321,7 +317,7 @@ def plot_effective_kernels(
         add_colorbar(fig, im, ax, label)
     if title:
         fig.suptitle(title, fontsize=11)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- output stride
@@ -369,7 +365,7 @@ def plot_stride_cells(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 # --------------------------------------------------------------------------- training diagnostics
@@ -404,7 +400,7 @@ def plot_overfit_curve(
                  f"({ratio:,.0f}x lower)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _finish(fig, name)
+    return finish_figure(fig, name)
 
 
 def live_history(title: str | None = None) -> Callable[[dict], None]:
@@ -453,7 +449,7 @@ def plot_density_predictions(
 ):
     """One row per image: the image, the true density and the predicted density.
 
-    ``samples``: :class:`helpers.inspect.SamplePrediction` objects (``name``, ``image`` ``H x W
+    ``samples``: :class:`helpers.analysis.diagnostics.SamplePrediction` objects (``name``, ``image`` ``H x W
     x 3`` uint8, ``true`` and ``pred`` ``(ceil(H/s), ceil(W/s))`` people per cell, ``true_count``,
     ``pred_count``, ``stride``). The two maps of a row share one colour scale (the 99.9 %
     quantile of both), so brighter means more people in both; titles give the counts.
@@ -486,4 +482,4 @@ def plot_density_predictions(
             ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=11)
-    return _finish(fig, name)
+    return finish_figure(fig, name)

@@ -25,7 +25,7 @@ def plot_heads_vs_threshold(
     Args:
         thresholds: thresholds in people per output cell (increasing).
         n_heads: the number of local maxima above each threshold
-            (:func:`helpers.runs.peak_counts`).
+            (:func:`helpers.tools.runs.peak_counts`).
         count: the predicted count (the sum of the map), drawn as a horizontal line.
         chosen: the threshold in use, marked with a vertical line.
         true_count: the annotated count, if known, drawn as a second horizontal line.

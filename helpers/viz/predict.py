@@ -139,7 +139,7 @@ def overlay_figure(
 
 def save_png(fig, path: str | Path, dpi: int = OVERLAY_DPI) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (folders created); returns the path."""
-    from helpers.fileio import atomic_path
+    from helpers.tools.fileio import atomic_path
 
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:

@@ -1,7 +1,7 @@
 """Reference points for a crowd counter: a constant guess, a pedestrian detector, published numbers.
 
 A trained density regressor is only impressive next to something simpler. Both baselines here are
-*predictors* in the sense of :mod:`helpers.evaluate` (``image -> (count, density, points)``), so
+*predictors* in the sense of :mod:`helpers.tools.evaluate` (``image -> (count, density, points)``), so
 they are scored by exactly the same code as the networks:
 
 * :class:`MeanCountBaseline`: predict the mean count of the training images for every image.
@@ -327,7 +327,7 @@ def published(part: str) -> list[PublishedResult]:
 
 
 def published_summaries(part: str) -> dict[str, dict[str, Any]]:
-    """Published rows in the summary format of :mod:`helpers.evaluate` (for ``results_table``).
+    """Published rows in the summary format of :mod:`helpers.tools.evaluate` (for ``results_table``).
 
     ``{label: {"mae", "rmse", "images": None, "published": True, "reference"}}``; GAME and
     localization are not reported by these papers and stay empty.

@@ -1,7 +1,7 @@
 """Scoring a counter on a whole split: per-image rows, dataset metrics, CSV/JSON files, tables.
 
 Everything that counts people is scored by the same code, :func:`evaluate_predictor`: a trained
-checkpoint (:func:`evaluate_checkpoint`), the baselines of :mod:`helpers.baselines`, or any
+checkpoint (:func:`evaluate_checkpoint`), the baselines of :mod:`helpers.tools.baselines`, or any
 function of your own. A *predictor* is a callable::
 
     predictor(image) -> (count, density or None, points or None)
@@ -32,9 +32,9 @@ images; ``on_image`` sees every image once.
 
 Command line::
 
-    python -m helpers.evaluate --checkpoint runs/NAME/best.pt --part B [--split test] [--limit N]
+    python -m helpers.tools.evaluate --checkpoint runs/NAME/best.pt --part B [--split test] [--limit N]
         [--csv PATH] [--device D] [--threshold T]
-    python -m helpers.evaluate --baseline mean|hog --part B [--split test] [--limit N] [--csv PATH]
+    python -m helpers.tools.evaluate --baseline mean|hog --part B [--split test] [--limit N] [--csv PATH]
 
 prints one JSON object (the summary, with the CSV and JSON paths) and writes the per-image CSV
 (default ``<run folder>/eval_<part>_<split>.csv`` next to the checkpoint, ``runs/baselines/...``
@@ -427,13 +427,13 @@ class CheckpointPredictor:
     original image's pixels. ``threshold`` (people per 8 x 8 cell): head points are the local
     maxima above it; None takes the ``round(count)`` strongest maxima.
 
-    Attributes: ``model`` (eval mode), ``info`` (:class:`helpers.checkpoints.CheckpointInfo`),
+    Attributes: ``model`` (eval mode), ``info`` (:class:`helpers.tools.checkpoints.CheckpointInfo`),
     ``device``, ``resize``, ``threshold``.
     """
 
     def __init__(self, checkpoint: str | Path, *, device: Any = None, threshold: float | None = None,
                  resize: float | None = None) -> None:
-        from helpers.checkpoints import load_model
+        from helpers.tools.checkpoints import load_model
 
         self.device = config.pick_device(None if device is None else str(device))
         self.model, self.info = load_model(checkpoint, self.device)
@@ -533,7 +533,7 @@ def csv_text(result: EvaluationResult | Sequence[Mapping[str, Any]]) -> str:
 
 def write_csv(result: EvaluationResult | Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Write the per-image rows to ``path`` atomically; returns the path."""
-    from helpers.fileio import write_text_atomic
+    from helpers.tools.fileio import write_text_atomic
 
     path = Path(path)
     write_text_atomic(path, csv_text(result))
@@ -544,7 +544,7 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows written by :func:`write_csv`: numbers as int/float, empty cells as None."""
     path = Path(path)
     if not path.is_file():
-        raise CrowdError(f"Evaluation file {path} does not exist; run python -m helpers.evaluate first.")
+        raise CrowdError(f"Evaluation file {path} does not exist; run python -m helpers.tools.evaluate first.")
     out = []
     with path.open(newline="", encoding="utf-8") as fh:
         for raw in csv.DictReader(fh):
@@ -582,7 +582,7 @@ def jsonable(obj: Any) -> Any:
 
 def write_summary(result: EvaluationResult | Mapping[str, Any], path: str | Path) -> Path:
     """Write the summary as JSON to ``path`` atomically; returns the path."""
-    from helpers.fileio import write_json_atomic
+    from helpers.tools.fileio import write_json_atomic
 
     summary = result.summary if isinstance(result, EvaluationResult) else result
     path = Path(path)
@@ -612,7 +612,7 @@ def results_table(results: Mapping[str, Any]) -> str:
 
     ``results`` maps a model name to its summary (or :class:`EvaluationResult`); missing
     metrics show as "–" (e.g. published numbers, which only give MAE and MSE, see
-    :func:`helpers.baselines.published_summaries`).
+    :func:`helpers.tools.baselines.published_summaries`).
     """
     header = ("| Model | Images | MAE | RMSE (papers: \"MSE\") | GAME(1) | GAME(2) | GAME(3) | F1 @ 8 px |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -640,7 +640,7 @@ def write_results(results: Mapping[str, Any], report_dir: str | Path | None = No
 
     Returns the two paths. ``report_dir`` defaults to :func:`helpers.config.report_dir`.
     """
-    from helpers.fileio import write_json_atomic, write_text_atomic
+    from helpers.tools.fileio import write_json_atomic, write_text_atomic
 
     folder = Path(report_dir) if report_dir is not None else config.report_dir()
     md = (
@@ -665,7 +665,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``error: ...`` line and exit status 1."""
 
     def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} (see python -m helpers.evaluate --help)", file=sys.stderr)
+        print(f"error: {message} (see python -m helpers.tools.evaluate --help)", file=sys.stderr)
         sys.exit(1)
 
 
@@ -683,7 +683,7 @@ def default_csv_path(part: str, split: str, n_used: int, n_split: int, *,
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m helpers.evaluate",
+        prog="python -m helpers.tools.evaluate",
         description="Score a trained checkpoint or a baseline on a dataset split. Prints one JSON "
         "object with MAE, RMSE, GAME(0-3), precision/recall/F1 at each matching radius and the MAE "
         "per crowd-size bucket, and writes a per-image CSV and the JSON summary next to it. Note: "
@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _baseline(kind: str, part: str, root: str | None):
-    from helpers import baselines
+    from helpers.tools import baselines
 
     if kind == "mean":
         from helpers.data import list_records

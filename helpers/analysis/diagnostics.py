@@ -16,7 +16,7 @@ Shapes follow PyTorch: ``(B, C, H, W)``. Densities returned here are in people p
 
 Command line::
 
-    python -m helpers.inspect [--model heatmap_cnn] [--size H W] [--batch B]
+    python -m helpers.analysis.diagnostics [--model heatmap_cnn] [--size H W] [--batch B]
 
 prints the layer table of a freshly built model.
 """
@@ -356,7 +356,7 @@ def predict_samples(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m helpers.inspect",
+        prog="python -m helpers.analysis.diagnostics",
         description="Print every layer's output shape, parameters and MACs for a random batch.",
     )
     parser.add_argument("--model", default="heatmap_cnn", help="heatmap_cnn (default) or csrnet")

@@ -2,7 +2,7 @@
 
 ::
 
-    from helpers.recipes import recommended_config
+    from helpers.tools.recipes import recommended_config
     from helpers.train import train
 
     cfg = recommended_config("heatmap_cnn", "B", "runs/hm_B")             # full or quick by CROWD_QUICK

@@ -22,14 +22,13 @@ Also here, for counting your own photos: :func:`save_upload` (the bytes of an
 
 Command line::
 
-    python -m helpers.runs [--root DIR] [--json]         # list the runs, best first
-    python -m helpers.runs ensure [--model M] [--part P]  # print a checkpoint path, training if needed
+    python -m helpers.tools.runs [--root DIR] [--json]         # list the runs, best first
+    python -m helpers.tools.runs ensure [--model M] [--part P]  # print a checkpoint path, training if needed
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import html
 import json
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from helpers.tools.fileio import file_lock
 from helpers import config as settings
 from helpers.errors import CheckpointError, CrowdError
 
@@ -131,7 +131,7 @@ def data_kind(root: str | os.PathLike[str] | None) -> str:
     """
     if root is None or str(root).strip() == "":
         return UNKNOWN
-    from helpers.synth import MANIFEST_NAME
+    from helpers.tools.synth import MANIFEST_NAME
 
     path = Path(root).expanduser()
     if (path / MANIFEST_NAME).is_file():
@@ -172,13 +172,13 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 def _checkpoint_meta(path: Path) -> dict[str, Any]:
     """The checkpoint dict without reading its weights (memory-mapped, ``weights_only=True``).
 
-    Falls back to :func:`helpers.checkpoints.load_checkpoint` (a full read) when the file cannot
+    Falls back to :func:`helpers.tools.checkpoints.load_checkpoint` (a full read) when the file cannot
     be memory-mapped, which also raises the explanatory :class:`CheckpointError` for a missing,
     corrupt or unsafe file.
     """
     import torch
 
-    from helpers.checkpoints import load_checkpoint
+    from helpers.tools.checkpoints import load_checkpoint
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -330,21 +330,6 @@ def best_run(runs: Sequence[RunInfo], source=None, *, model: str | None = None,
 # --------------------------------------------------------------------------- a checkpoint, always
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (POSIX; nothing on Windows): one training at a time."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def demo_folder(model: str, part: str, source=None, root: str | os.PathLike[str] | None = None) -> Path:
@@ -363,7 +348,7 @@ def ensure_checkpoint(model: str = "heatmap_cnn", part: str = "B", out: str | os
     trained on the same kind of data as ``source`` (default
     :func:`helpers.data.resolve_data_source`: ShanghaiTech when ``CROWD_DATA`` is set, else
     synthetic), e.g. ``runs/heatmap_cnn_B/best.pt`` written by notebook 03. When there is none,
-    trains a small one with the quick recipe (:func:`helpers.recipes.recommended_config` with
+    trains a small one with the quick recipe (:func:`helpers.tools.recipes.recommended_config` with
     ``quick=True``, one to two minutes on a laptop CPU) into ``out`` (default
     :func:`demo_folder`) and returns its ``best.pt``. An interrupted demo run is continued.
 
@@ -388,7 +373,7 @@ def ensure_checkpoint(model: str = "heatmap_cnn", part: str = "B", out: str | os
     found = existing()
     if found is not None:
         return found
-    with _lock(out_dir.parent / f".{out_dir.name}.lock"):
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         found = existing()  # another process may have trained it while we waited
         if found is not None:
             return found
@@ -401,7 +386,7 @@ def ensure_checkpoint(model: str = "heatmap_cnn", part: str = "B", out: str | os
                     f"{info.data} data, not {model} on part {part} with {kind} data. Pass another "
                     "out= folder, or delete that folder to train a new demo model there."
                 )
-        from helpers.recipes import recommended_config
+        from helpers.tools.recipes import recommended_config
         from helpers.train import train
 
         cfg = recommended_config(model, part, out_dir, quick=True, data_root=str(source.root),
@@ -534,7 +519,7 @@ def save_upload(value: Any, folder: str | os.PathLike[str] | None = None) -> Pat
     if content is None:
         raise CrowdError(f"The uploaded file {name!r} has no content; upload it again.")
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).strip("._") or "upload"
-    from helpers.fileio import atomic_path
+    from helpers.tools.fileio import atomic_path
 
     out = Path(folder) if folder is not None else settings.project_root() / "build" / "uploads"
     target = out / safe
@@ -645,7 +630,7 @@ def _as_json(run: RunInfo) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m helpers.runs",
+        prog="python -m helpers.tools.runs",
         description="List trained runs (best validation MAE first), or print a checkpoint for a "
         "model and part, training a small demo model first if there is none.",
     )

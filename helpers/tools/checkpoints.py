@@ -1,7 +1,7 @@
 """Saving and loading checkpoints safely, and rebuilding a trained model for inference.
 
 A checkpoint is a ``dict`` written with ``torch.save`` to a temporary file and renamed over the
-target (:func:`helpers.fileio.atomic_path`): a crash or a kill during the write leaves the previous
+target (:func:`helpers.tools.fileio.atomic_path`): a crash or a kill during the write leaves the previous
 file intact, never a truncated one.
 
 Reading always uses ``torch.load(..., weights_only=True)``. A ``.pt`` file is a pickle, and
@@ -43,7 +43,7 @@ def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) ->
     """
     import torch
 
-    from helpers.fileio import atomic_path
+    from helpers.tools.fileio import atomic_path
 
     path = Path(path)
     try:

@@ -30,13 +30,12 @@ person is the centre of the drawn head, in the pixel convention of :mod:`helpers
 Every image has its own random stream (seed, part, split, index), so an image does not depend on
 how many others are generated. Command line::
 
-    python -m helpers.synth [--root R] [--seed S] [--force] [--json]
+    python -m helpers.tools.synth [--root R] [--seed S] [--force] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers.tools.fileio import file_lock
 from helpers import config
 from helpers.errors import CrowdError
 
@@ -67,7 +67,7 @@ DEFAULT_SIZES: dict[str, int] = {
 #: Head half-width over head half-height: heads are drawn as upright ellipses.
 HEAD_ASPECT = 0.85
 JPEG_QUALITY = 90
-_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: helpers.synth".ljust(116)
+_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: helpers.tools.synth".ljust(116)
 _SHIFT = 4  # OpenCV fixed-point drawing: coordinates in 1/16 pixel
 _ONE = 1 << _SHIFT
 
@@ -602,7 +602,7 @@ def generate(root: str | Path, seed: int = 0, *, sizes: Mapping[str, int] | None
     """
     from tqdm.auto import tqdm
 
-    from helpers.fileio import write_json_atomic
+    from helpers.tools.fileio import write_json_atomic
 
     root = Path(root)
     sizes = _check_sizes(sizes)
@@ -633,7 +633,7 @@ def generate(root: str | Path, seed: int = 0, *, sizes: Mapping[str, int] | None
                 "per_image": per_image,
             }
     manifest = {
-        "generator": "helpers.synth",
+        "generator": "helpers.tools.synth",
         "version": GENERATOR_VERSION,
         "seed": int(seed),
         "sizes": sizes,
@@ -678,20 +678,6 @@ def is_complete(root: str | Path, seed: int = 0, sizes: Mapping[str, int] | None
     return True
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path`` (POSIX); yields whether a real lock is held."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock; the rename below still keeps the set consistent
-        yield False
-        return
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def ensure_synthetic(root: str | Path | None = None, seed: int = 0, *,
@@ -716,10 +702,10 @@ def ensure_synthetic(root: str | Path | None = None, seed: int = 0, *,
     except OSError as exc:
         raise CrowdError(
             f"Cannot create {parent} for the synthetic crowd set ({exc}). Pass another folder "
-            "(python -m helpers.synth --root DIR) or set CROWD_HOME to a writable project folder."
+            "(python -m helpers.tools.synth --root DIR) or set CROWD_HOME to a writable project folder."
         ) from exc
     try:
-        with _lock(parent / f".{root.name}.lock") as locked:
+        with file_lock(parent / f".{root.name}.lock") as locked:
             if not force and is_complete(root, seed, sizes):
                 return root  # another process finished it while we waited
             _check_replaceable(root)
@@ -786,7 +772,7 @@ def summary(root: str | Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m helpers.synth",
+        prog="python -m helpers.tools.synth",
         description="Generate the synthetic crowd set (ShanghaiTech layout) if it is not there yet.",
     )
     parser.add_argument("--root", help="output folder (default: data/synthetic in the project)")
