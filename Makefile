@@ -10,13 +10,14 @@ CROWD_QUICK ?= 1
 export CROWD_QUICK
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: run test unit notebooks venv lint report clean-generated help
+.PHONY: run test unit notebooks venv lint report size clean-generated help
 
 help:
 	@echo "make run    execute the notebook series into build/notebooks (CROWD_QUICK=0 for full size)"
 	@echo "make test   unit tests + every notebook under nbval, in quick mode"
 	@echo "make report assemble report/report.md and the figure sheet from report/"
 	@echo "make lint   ruff over helpers, tests and benchmarks"
+	@echo "make size   lines of the core a student reads (helpers/*.py) and its longest function"
 
 venv: $(STAMP)
 
@@ -48,7 +49,10 @@ test: $(STAMP)
 	exit $$fail
 
 report: $(STAMP)
-	$(PY) -m helpers.tools.report
+	$(PY) -m helpers report
+
+size:
+	@$(or $(wildcard $(PY)),$(PYTHON)) -m helpers.tools.size
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests

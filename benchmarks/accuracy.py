@@ -6,10 +6,10 @@
     python benchmarks/accuracy.py --part B --minutes 4 --set lr=5e-4 --out runs/acc_try
 
 1. Trains HeatmapCNN from random init with :func:`helpers.tools.recipes.recommended_config` (full
-   mode) and a hard budget ``max_minutes`` (:mod:`helpers.train`). ``epochs`` is the recipe's
+   mode) and a hard budget ``max_minutes`` (:mod:`helpers.tools.trainer`). ``epochs`` is the recipe's
    unless ``--epochs`` is given; ``--fit-epochs`` sets it from a short speed measurement so that
    the cosine schedule ends inside the budget. A run that is cut by the budget validates the
-   weights it reached (see :mod:`helpers.train`).
+   weights it reached (see :mod:`helpers.tools.trainer`).
 2. The checkpoint is chosen on the validation split only (``best.pt``: lowest validation MAE).
 3. That checkpoint counts every test image (whole images at the recipe's resolution) and the
    script prints MAE, RMSE and the bias (mean of predicted - true count) on val and on test,
@@ -34,6 +34,7 @@ from typing import Any
 
 from helpers import config as settings
 from helpers.errors import CrowdError
+from helpers.tools.trainer import key_value_arg
 
 MODEL = "heatmap_cnn"
 #: Fraction of the budget the planned epochs may fill (the rest absorbs load on a shared machine).
@@ -43,14 +44,6 @@ SETUP_S_PER_IMAGE = 0.4
 RUN_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "accuracy.json")
 
 
-def _parse_set(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def measure_speed(cfg, steps: int = 6) -> dict[str, float]:
@@ -61,7 +54,7 @@ def measure_speed(cfg, steps: int = 6) -> dict[str, float]:
     import torch
 
     from helpers.models import build_model
-    from helpers.train import density_loss
+    from helpers.train import train_step
 
     torch.manual_seed(0)
     model = build_model(cfg.model, **cfg.model_kwargs)
@@ -71,10 +64,8 @@ def measure_speed(cfg, steps: int = 6) -> dict[str, float]:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        loss = density_loss(model(x), y, cfg.loss, cfg.count_loss_weight, cfg.scale)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(model, x, y, opt, scale=cfg.scale, reduction=cfg.loss,
+                   count_weight=cfg.count_loss_weight, grad_clip=cfg.grad_clip)
         if i:  # the first step warms up
             times.append(time.perf_counter() - t0)
     model.eval()
@@ -124,9 +115,9 @@ def predict_counts(model, scale: float, records, resize: float) -> list[float]:
 
 def evaluate_checkpoint(best: Path, part: str, split: str, root: str, cfg) -> dict[str, Any]:
     """Counts of every image of ``split`` by the checkpoint ``best`` (whole images, eval mode)."""
-    from helpers.tools.checkpoints import load_model
     from helpers.data import list_records
     from helpers.samples import CrowdDataset
+    from helpers.tools.checkpoints import load_model
 
     model, info = load_model(best, device="cpu", expect_model=MODEL)
     records = list_records(part, split, root)
@@ -165,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-epochs", action="store_true",
                    help="plan the epochs from a short speed test so that the schedule ends inside the budget "
                    "(unreliable on a busy machine)")
-    p.add_argument("--set", action="append", type=_parse_set, default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting (a helpers.train.TrainConfig field, JSON value); repeatable")
+    p.add_argument("--set", action="append", type=key_value_arg, default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting (a helpers.tools.trainer.TrainConfig field, JSON value); repeatable")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --out first")
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate OUT/best.pt")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often "
@@ -178,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from helpers.data import resolve_data_source
     from helpers.tools.fileio import write_json_atomic
     from helpers.tools.recipes import epochs_for_budget, recommended_config
-    from helpers.train import TrainConfig, train
+    from helpers.tools.trainer import TrainConfig, train
 
     if args.threads is not None:
         import torch

@@ -23,11 +23,13 @@ import numpy as np
 
 from helpers import data
 from helpers import density as dens
+from helpers.analysis import ground_truth
 from helpers.errors import CrowdError
+from helpers.tools.synth import ensure_dataset
 
 
 def run(part: str, root, split: str, slow_heads: int, slow_images: int, method: str) -> dict:
-    source = data.resolve_data_source(root)
+    source = ensure_dataset(root)
     splits = data.OFFICIAL_SPLITS if split == "all" else (split,)
     records = [r for s in splits for r in data.list_records(part, s, root=source.root)]
     params = dens.DensityParams(method=method)
@@ -73,7 +75,7 @@ def run(part: str, root, split: str, slow_heads: int, slow_images: int, method: 
         slow_count += len(pts)
         ours = dens.density_from_sigmas(pts, sig, shape, params.truncate)
         lossy = dens.density_from_sigmas(pts, sig, shape, params.truncate, renormalize=False)
-        interior = ~dens.truncated_support(pts, sig, shape, params.truncate)
+        interior = ~ground_truth.truncated_support(pts, sig, shape, params.truncate)
         peak = float(ref.max())
         if interior.any():
             worst_interior = max(worst_interior, float(np.abs(ours - ref)[interior].max()) / peak)

@@ -16,7 +16,7 @@ For CSRNet and HeatmapCNN it prints:
    images (all 316 unless ``--limit``), each at the resolution the checkpoint was trained at, and
    the MAE of both against the annotations.
 3. **Memory**: the peak resident memory (``ru_maxrss`` of a fresh process that imports torch,
-   builds the model and counts one photo) of ``helpers.predict.count`` on a 4000 x 3000 photo at
+   builds the model and counts one photo) of ``helpers.tools.inference.count_image`` on a 4000 x 3000 photo at
    full resolution, tiled automatically, float32 and fast.
 
 Weights: ``--heatmap-checkpoint`` (default ``runs/accuracy_B/best.pt`` when it exists) and
@@ -49,8 +49,8 @@ def load(model_name: str, checkpoint: str | None):
     """``(model, scale, input_scale, label)``: the checkpoint's weights, or random ones."""
     import torch
 
-    from helpers.tools.checkpoints import load_model
     from helpers.models import build_model
+    from helpers.tools.checkpoints import load_model
 
     if checkpoint and Path(checkpoint).is_file():
         model, info = load_model(checkpoint, "cpu", expect_model=model_name)
@@ -118,13 +118,13 @@ def memory_child(model_name: str, checkpoint: str | None, fast: bool, threads: i
 
     import torch
 
-    from helpers.predict import count
+    from helpers.tools.inference import count_image
 
     torch.set_num_threads(threads)
     model, scale, _, _ = load(model_name, checkpoint)
     photo = np.random.default_rng(0).integers(0, 256, (*MEMORY_SHAPE, 3), dtype=np.uint8)
     t0 = time.perf_counter()
-    pred = count(photo, model, scale=scale, input_scale=1.0, fast=fast)
+    pred = count_image(photo, model, scale=scale, input_scale=1.0, fast=fast)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(json.dumps({"peak_mib": peak, "tiles": pred.n_tiles, "seconds": seconds}))
@@ -144,13 +144,13 @@ def peak_memory(model_name: str, checkpoint: str | None, fast: bool, threads: in
 def bench(model_name: str, checkpoint: str | None, args, test_records, fit_root) -> dict[str, Any]:
     import torch
 
+    from helpers.samples import normalize_image
     from helpers.tools.fast_inference import (
         calibration_tensors,
         has_fast_int8,
         prepare_fast_cpu,
         training_calibration,
     )
-    from helpers.samples import normalize_image
 
     model, scale, input_scale, label = load(model_name, checkpoint)
     print(f"\n== {model_name}: {label}", flush=True)

@@ -9,7 +9,7 @@ For each model it measures, at a stated crop size and resolution,
 
 * **ours**: :class:`helpers.samples.CrowdDataset` with the in-memory cache (images decoded,
   resized and their densities read once), batches and workers as
-  :func:`helpers.tools.recipes.recommended_config` sets them, Adam steps as in :mod:`helpers.train`;
+  :func:`helpers.tools.recipes.recommended_config` sets them, Adam steps with :func:`helpers.train.train_step`;
 * **plain**: what the original CSRNet code does for every sample: decode the JPEG with PIL, read
   the density from its HDF5 file with h5py (the project's cache files), resize both when the
   recipe trains at reduced resolution, random crop and flip, normalise, sum-pool the target to
@@ -45,7 +45,7 @@ class PlainSamples:
     """The original CSRNet way: decode and read everything again for every sample (batch size 1)."""
 
     def __init__(self, records, crop: int, resize: float, density_params, seed: int = 0) -> None:
-        from helpers.density import cache_path
+        from helpers.tools.cache import cache_path
 
         self.records = list(records)
         self.h5_paths = [cache_path(r, density_params) for r in self.records]
@@ -86,13 +86,9 @@ class PlainSamples:
 
 
 def _train_step(model, opt, x, y, scale: float) -> float:
-    from helpers.train import density_loss
+    from helpers.train import train_step
 
-    loss = density_loss(model.loss_output(x), y * scale, "mean", 0.0, scale)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return float(loss.item())
+    return train_step(model, x, y, opt, scale=scale)
 
 
 def _build(model_name: str, model_kwargs: dict[str, Any]):
@@ -114,10 +110,11 @@ def bench_model(model_name: str, part: str, root: str, n_images: int, steps: int
     import torch
 
     from helpers.data import list_records, take_evenly
-    from helpers.density import DensityParams, load_density
-    from helpers.tools.recipes import recommended_config
+    from helpers.density import DensityParams
     from helpers.samples import CrowdDataset
+    from helpers.tools.cache import load_density
     from helpers.tools.loading import make_loader
+    from helpers.tools.recipes import recommended_config
 
     cfg = recommended_config(model_name, part, "unused", quick=False)
     crop = int(crop or cfg.crop)
@@ -135,7 +132,7 @@ def bench_model(model_name: str, part: str, root: str, n_images: int, steps: int
 
     # ---- ours: cached dataset + batching
     ds = CrowdDataset(records, "train", crop=crop, resize=resize, rescale=cfg.rescale, flip=cfg.flip,
-                      density_params=params, cache_in_memory=True, seed=0)
+                      density_params=params, cache_in_memory=True, seed=0, density_fn=load_density)
     t0 = time.perf_counter()
     ds.preload(progress=False)
     row["cache_fill_s"] = time.perf_counter() - t0

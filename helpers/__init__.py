@@ -1,22 +1,19 @@
-"""Shared code for the crowd-counting notebook series.
+"""The core of the crowd-counting series: what the notebooks teach, in the order they teach it.
 
-Each module owns one step of the pipeline (see ``docs/DESIGN.md``)::
+    01 dataset    data       list_records, read_image, read_points, clean_points, split_fit_val
+    02 ground     density    knn_distances, adaptive_sigmas, density_map, downsample_density,
+       truth                 reference_density_map (the original one-filter-per-head recipe)
+    03 our CNN    samples    CrowdDataset (crops, flips, rescaling; exact targets at the stride)
+                  models     HeatmapCNN, receptive_field, count_parameters
+                  train      density_loss, train_step, train_one_epoch, evaluate_counts, fit
+    04 CSRNet     models     CSRNet, load_vgg16_frontend, build_model
+    05 evaluation metrics    mae, rmse, game, find_peaks, match_points, scores_from_counts
+    06 your image predict    prepare_image, count, context_margin
+    (all)         config     CROWD_DATA, CROWD_QUICK, CROWD_HOME, CROWD_CACHE, CROWD_DEVICE
+                  errors     CrowdError and its kinds
 
-    config       where things are, quick mode, device choice
-    errors       the project's exception types
-    fileio       atomic writes (checkpoints and caches never half-written)
-    data         finding and reading datasets, splits, ``verify`` command
-    synth        the synthetic crowd set, written in the ShanghaiTech layout
-    explore      per-image statistics for dataset exploration
-    density      Gaussian kernels, density maps, exact downsampling, HDF5 cache
-    models       HeatmapCNN, CSRNet, VGG16 weights, receptive fields
-    samples      the PyTorch dataset of training samples (exact targets at the model's stride)
-    checkpoints  atomic saves and safe loads of checkpoints
-    train        the training loop, resume, DDP, ``train`` command
-    metrics      MAE, RMSE, GAME, peak finding and point matching
-    viz          figures, and ``save_figure`` into ``report/figures/``
-
-Importing the package does nothing but define names: no files are read or written.
+``helpers.tools`` (trainer, cache, checkpoints, inference, evaluate, the ``crowd`` command line)
+and ``helpers.viz`` (figures) build on these; see docs/DESIGN.md. Importing does nothing else.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,20 +1,14 @@
-"""The project's exception types.
-
-Every error a student can cause with bad input (a wrong path, a corrupt file, a checkpoint from
-another model) is raised as a subclass of :class:`CrowdError` with a message that says what is
-wrong, which file, and what to do. Command-line entry points print that one line and exit 1.
-"""
+"""The project's exception types: bad input (a wrong path, a corrupt file, a checkpoint from another
+model) raises a CrowdError subclass saying what is wrong, which file, and what to do."""
 
 from __future__ import annotations
 
+import re
+
 
 class CrowdError(Exception):
-    """Base class: a problem with the user's input or environment, explained in the message.
-
-    An error raised in a ``DataLoader`` worker process reaches the main process re-created by
-    torch with the worker's whole traceback as its message; the constructor keeps only our
-    one-line message (plus which worker), so command lines still print one clear line.
-    """
+    """A problem with the user's input or environment, explained in a one-line message (an error
+    from a DataLoader worker, which torch re-creates with the whole traceback, is cut back to it)."""
 
     def __init__(self, *args: object) -> None:
         if len(args) == 1 and isinstance(args[0], str):
@@ -25,13 +19,8 @@ class CrowdError(Exception):
 def _unwrap_worker_message(message: str) -> str:
     """``"Caught XError in DataLoader worker process 0.\\nOriginal Traceback ... XError: msg"``
     (torch's ``ExceptionWrapper``) -> ``"msg (in DataLoader worker process 0)"``."""
-    import re
-
     head = re.match(r"Caught \w+ (in [^\n]*?)\.?\nOriginal Traceback", message)
-    if head is None:
-        return message
-    last = message.rstrip().splitlines()[-1]
-    original = re.match(r"[\w.]+Error: (.*)$", last)
+    original = head and re.match(r"[\w.]+Error: (.*)$", message.rstrip().splitlines()[-1])
     return f"{original.group(1)} ({head.group(1)})" if original else message
 
 
@@ -56,11 +45,14 @@ class CheckpointError(CrowdError):
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``"Type: message"`` of a library's exception on one line, shortened to ``limit`` characters.
+    """A library's exception on one line, for quoting inside our own messages.
 
-    For quoting inside our own messages: h5py and torch messages can span several lines.
+    Inputs:
+    - exc: the exception (h5py and torch messages can span several lines)
+    - limit: int, maximum length of the text in characters
+    Returns:
+    - text: str, ``"Type: message"`` on one line
     """
     text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,80 +1,34 @@
-"""Training samples: image tensors and density targets at the model's stride, counts kept exact.
+"""Training samples: ImageNet-normalised image tensors (3, h, w) and density targets (1, h/s, w/s)
+at the model's output stride s (8), people per cell.
 
-A :class:`CrowdDataset` turns a list of :class:`helpers.data.ImageRecord` into pairs::
-
-    image   (3, h, w)          float32, ImageNet-normalised ((x / 255 - mean) / std)
-    target  (1, h / s, w / s)  float32 density at the model's output stride s (8), people per cell
-
-``h`` and ``w`` are multiples of ``s``. The target is always made the same way: take the
-full-resolution density (whose sum is the number of heads), cut out exactly the pixels the image
-sample shows, then sum-pool ``s x s`` blocks with :func:`helpers.density.downsample_density`.
-Summing blocks loses nothing, so ``target.sum()`` is the number of people in the sample, up to
-float32 rounding.
-
-Two modes:
-
-``train``
-    random ``crop x crop`` windows, random horizontal flips, optional random rescaling (the image is
-    resized and the density resampled with exact mass preservation, see :func:`resample_density`)
-    and optional grayscale conversion. Images smaller than the crop are padded at the bottom and
-    right (after the flip, so padding is always there); the padding is the ImageNet mean colour
-    (exactly 0 after normalisation) with zero density.
-``eval``
-    whole images, padded at the bottom and right to a multiple of ``s`` (same padding), so the
-    target holds every head. :meth:`CrowdDataset.true_count` gives the number of annotated heads
-    for MAE / RMSE.
-
-``resize`` trains and evaluates at a reduced resolution (0.5 = half width and height): the image is
-resized and the density resampled with mass preservation, so the count does not change. The
-full-resolution map is resampled rather than rendered again from scaled points: kernel widths then
-shrink exactly as the heads do, and the HDF5 cache of full-resolution maps
-(:func:`helpers.density.load_density`) serves every resolution.
-
-Augmentation randomness is a pure function of ``(seed, epoch, index)``: sample ``i`` of epoch
-``e`` is the same whichever worker process makes it and whatever ran before, which is what lets an
-interrupted training run resume exactly. Index a dataset with ``ds[(epoch, i)]`` or set
-``ds.epoch`` and use ``ds[i]``.
-
-Memory of ``cache_in_memory=True`` (decoded images and full-resolution densities kept in RAM):
-a pixel costs 3 bytes of uint8 image plus 4 bytes of float32 density. A ShanghaiTech Part B image
-(768 x 1024) is therefore 5.5 MB, and the 360 ``fit`` images take 1.98 GB at full resolution and
-0.50 GB at ``resize=0.5`` (4x fewer pixels); the 270 Part A ``fit`` images (0.5 MP on average)
-take 1.03 GB and 0.26 GB (measured with :meth:`CrowdDataset.memory_bytes`, which reports the real
-figure). The validation images add 10 %. With DataLoader worker processes the cache is filled once
-in the main process before the workers start (:func:`make_loader` calls
-:meth:`CrowdDataset.preload`); on Linux the workers share those pages, on macOS and Windows each
-worker receives a copy.
+The target is the full-resolution density cut to the pixels of the sample, then sum-pooled, so
+``target.sum()`` is the number of people in it. ``train`` mode: random crops, flips, rescaling
+(mass-preserving) and grayscale, a pure function of ``(seed, epoch, index)`` so a run resumes
+exactly; ``eval`` mode: whole images padded to a multiple of s (mean colour, zero density).
+Memory of ``cache_in_memory`` and the choices behind resampling: docs/data.md.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from helpers.data import ImageRecord
-    from helpers.density import DensityParams
+from helpers import data, density
+from helpers.errors import CacheError
 
 MODES = ("train", "eval")
 DEFAULT_STRIDE = 8
 
 
-# --------------------------------------------------------------------------- resampling
-
-
 @functools.lru_cache(maxsize=64)
 def _area_matrix(n_in: int, n_out: int):
-    """Sparse ``(n_out, n_in)`` matrix: output cell i gets the fraction of input cell j it covers.
-
-    Output cell ``i`` spans ``[i * n_in / n_out, (i + 1) * n_in / n_out)`` in input pixels. Every
-    input pixel is shared out completely (each column sums to 1), so the total is preserved.
-    """
+    """Sparse (n_out, n_in) matrix: the fraction of input cell j that output cell i covers (cell i
+    spans [i * n_in / n_out, (i + 1) * n_in / n_out)); each column sums to 1, so mass is kept."""
     import scipy.sparse
 
     edges_out = np.arange(n_out + 1, dtype=np.float64) * (n_in / n_out)
@@ -90,11 +44,13 @@ def _area_matrix(n_in: int, n_out: int):
 
 
 def resample_density(density: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resample an ``H x W`` density to ``shape = (H2, W2)`` keeping its sum exactly.
+    """Resample a density map keeping its sum (area resampling by footprint overlap, up or down).
 
-    Area resampling: each output cell receives each input pixel's mass in proportion to the
-    overlap of their footprints (the density analogue of ``cv2.INTER_AREA``). Works for up- and
-    down-scaling; the total is unchanged up to float rounding. Returns float32.
+    Inputs:
+    - density: float array (H, W)
+    - shape: (H2, W2) ints >= 1
+    Returns:
+    - resampled: float32 array (H2, W2), same sum up to float rounding
     """
     density = np.asarray(density)
     h, w = density.shape
@@ -109,25 +65,42 @@ def resample_density(density: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize an ``H x W x 3`` uint8 image to ``shape = (H2, W2)`` (area when shrinking)."""
+    """Resize an image (area interpolation when shrinking, bilinear when enlarging).
+
+    Inputs:
+    - image: uint8 array (H, W, 3); shape: (H2, W2) ints
+    Returns:
+    - resized: uint8 array (H2, W2, 3) (the input itself when the size is unchanged)
+    """
     import cv2
 
     h, w = image.shape[:2]
     h2, w2 = int(shape[0]), int(shape[1])
     if (h2, w2) == (h, w):
         return image
-    shrink = h2 * w2 < h * w
-    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    interp = cv2.INTER_AREA if h2 * w2 < h * w else cv2.INTER_LINEAR
     return np.ascontiguousarray(cv2.resize(image, (w2, h2), interpolation=interp))
 
 
 def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
-    """``(round(H * f), round(W * f))``, at least 1 x 1."""
+    """The size of an image scaled by ``factor``.
+
+    Inputs:
+    - shape: (H, W, ...); factor: float
+    Returns:
+    - (round(H * factor), round(W * factor)), each at least 1
+    """
     return max(1, round(shape[0] * factor)), max(1, round(shape[1] * factor))
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB -> ``3 x H x W`` float32 ImageNet-normalised."""
+    """ImageNet normalisation: ``(x / 255 - mean) / std`` per channel, channels first.
+
+    Inputs:
+    - image: uint8 array (H, W, 3) RGB
+    Returns:
+    - normalised: float32 array (3, H, W)
+    """
     from helpers.models import IMAGENET_MEAN, IMAGENET_STD
 
     mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
@@ -136,38 +109,34 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
     return (chw - mean) / std
 
 
-def to_grayscale(image: np.ndarray) -> np.ndarray:
-    """Luminance (0.299 R + 0.587 G + 0.114 B) repeated over three channels, uint8."""
+def _to_grayscale(image: np.ndarray) -> np.ndarray:
+    """Luminance (0.299 R + 0.587 G + 0.114 B) repeated over three channels, uint8 (H, W, 3)."""
     import cv2
 
     gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-# --------------------------------------------------------------------------- augmentation plan
-
-
 @dataclass(frozen=True)
 class AugmentPlan:
-    """The random choices for one training sample, all derived from ``(seed, epoch, index)``.
+    """The random choices for one training sample, all derived from ``(seed, epoch, index)``."""
 
-    ``scale`` multiplies the (already ``resize``-d) image size; ``top``/``left`` place the crop in
-    the scaled image (0 when the image is smaller than the crop and gets padded).
-    """
-
-    scale: float
-    top: int
+    scale: float  # multiplies the (already resize-d) image size
+    top: int  # crop position in the scaled image (0 when the image is smaller and gets padded)
     left: int
     flip: bool
     gray: bool
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one sample: independent of worker, process and history."""
+    """The random stream of one sample: independent of worker, process and history.
+
+    Inputs:
+    - seed, epoch, index: ints
+    Returns:
+    - rng: numpy Generator seeded by (seed, epoch, index)
+    """
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), 0x5A3])
-
-
-# --------------------------------------------------------------------------- dataset
 
 
 @dataclass
@@ -180,24 +149,27 @@ class _Base:
 class CrowdDataset(Dataset):
     """Image / density-target pairs for training (random crops) or evaluation (whole images).
 
-    Parameters
-    ----------
-    records : the images (from :func:`helpers.data.list_records`), each with a points file.
-    mode : ``"train"`` (random crops and augmentation) or ``"eval"`` (whole padded images).
-    crop : side of the square training crop in pixels (after ``resize``); a multiple of ``stride``.
-    stride : the model's output stride (8 for both models of the series).
-    flip : random horizontal flips with probability 1/2 (train mode).
-    rescale : ``(low, high)`` range of random scale factors (train mode), or None for none.
-    gray_prob : probability of converting a training sample to grayscale.
-    resize : fixed scale applied to every image first (0.5 = half resolution); counts unchanged.
-    density_params : how ground-truth densities are made (default: geometry-adaptive kernels).
-    cache_in_memory : keep decoded images and densities in RAM (see the module docstring).
-    seed : base seed of the augmentation streams.
+    Inputs:
+    - records: list of ImageRecord (helpers.data.list_records), each with a points file
+    - mode: "train" (random crops and augmentation) or "eval" (whole padded images)
+    - crop: int, side of the square training crop in pixels (after resize), a multiple of stride
+    - stride: int, the model's output stride (8 for both models of the series)
+    - flip: bool, random horizontal flips with probability 1/2 (train mode)
+    - rescale: (low, high) floats, range of random scale factors (train mode), or None
+    - gray_prob: float, probability of turning a training sample to grayscale
+    - resize: float, fixed scale applied to every image first (0.5 = half); counts unchanged
+    - density_params: DensityParams, or None for geometry-adaptive kernels
+    - cache_in_memory: bool, keep decoded images and densities in RAM (docs/data.md)
+    - seed: int, base seed of the augmentation streams
+    - density_fn: (record, params) -> (H, W) float32 full-resolution map; None computes it with
+      helpers.density.compute_density (the trainer passes helpers.tools.cache.load_density)
+    Returns (ds[i] or ds[(epoch, i)]):
+    - image: float32 tensor (3, h, w); target: float32 tensor (1, h / stride, w / stride)
     """
 
     def __init__(
         self,
-        records: Sequence[ImageRecord],
+        records: Sequence[data.ImageRecord],
         mode: str = "train",
         *,
         crop: int = 256,
@@ -206,40 +178,30 @@ class CrowdDataset(Dataset):
         rescale: tuple[float, float] | None = None,
         gray_prob: float = 0.0,
         resize: float = 1.0,
-        density_params: DensityParams | None = None,
+        density_params: density.DensityParams | None = None,
         cache_in_memory: bool = False,
         seed: int = 0,
+        density_fn: Callable[[data.ImageRecord, density.DensityParams], np.ndarray] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        if mode == "train" and (crop < stride or crop % stride):
-            raise ValueError(f"crop ({crop}) must be a positive multiple of the stride ({stride})")
-        if rescale is not None:
-            lo, hi = float(rescale[0]), float(rescale[1])
-            if not 0 < lo <= hi:
-                raise ValueError(f"rescale must be (low, high) with 0 < low <= high, got {rescale}")
-            rescale = (lo, hi)
-        if not 0.0 <= gray_prob <= 1.0:
-            raise ValueError(f"gray_prob must be in [0, 1], got {gray_prob}")
-        if not 0 < resize <= 4:
-            raise ValueError(f"resize must be in (0, 4], got {resize}")
-        if density_params is None:
-            from helpers.density import DensityParams
-
-            density_params = DensityParams()
-        self.records = list(records)
-        self.mode = mode
-        self.crop = int(crop)
-        self.stride = int(stride)
-        self.flip = bool(flip)
-        self.rescale = rescale
-        self.gray_prob = float(gray_prob)
-        self.resize = float(resize)
-        self.density_params = density_params
+        rescale = None if rescale is None else (float(rescale[0]), float(rescale[1]))
+        problems = {
+            f"mode must be one of {MODES}, not {mode!r}": mode not in MODES,
+            f"stride must be >= 1, got {stride}": stride < 1,
+            f"crop ({crop}) must be a positive multiple of the stride ({stride})":
+                mode == "train" and (crop < stride or crop % max(stride, 1) != 0),
+            f"rescale must be (low, high) with 0 < low <= high, got {rescale}":
+                rescale is not None and not 0 < rescale[0] <= rescale[1],
+            f"gray_prob must be in [0, 1], got {gray_prob}": not 0.0 <= gray_prob <= 1.0,
+            f"resize must be in (0, 4], got {resize}": not 0 < resize <= 4,
+        }
+        for message in (m for m, bad in problems.items() if bad):
+            raise ValueError(message)
+        self.records, self.mode, self.crop, self.stride = list(records), mode, int(crop), int(stride)
+        self.flip, self.rescale, self.gray_prob = bool(flip), rescale, float(gray_prob)
+        self.resize, self.seed = float(resize), int(seed)
+        self.density_params = density_params if density_params is not None else density.DensityParams()
         self.cache_in_memory = bool(cache_in_memory)
-        self.seed = int(seed)
+        self.density_fn = density_fn if density_fn is not None else density.compute_density
         self.epoch = 0
         self._cache: dict[int, _Base] = {}
         self._counts: dict[int, int] = {}
@@ -247,32 +209,25 @@ class CrowdDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    # ----------------------------------------------------------------- loading
-
     def _load_base(self, index: int) -> _Base:
         """The image and its full-resolution density at the dataset's ``resize``."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        from helpers.data import load_example
-        from helpers.density import load_density
-
         record = self.records[index]
-        example = load_example(record)
-        density = np.asarray(load_density(record, self.density_params), dtype=np.float32)
+        example = data.load_example(record)
+        dmap = np.asarray(self.density_fn(record, self.density_params), dtype=np.float32)
         image = example.image
-        if density.shape != image.shape[:2]:
-            from helpers.errors import CacheError
-
+        if dmap.shape != image.shape[:2]:
             raise CacheError(
-                f"Density map of {record.image_path} is {density.shape} but the image is "
+                f"Density map of {record.image_path} is {dmap.shape} but the image is "
                 f"{image.shape[:2]}; delete the density cache (CROWD_CACHE) and run again."
             )
         if self.resize != 1.0:
             shape = scaled_shape(image.shape[:2], self.resize)
             image = resize_image(image, shape)
-            density = resample_density(density, shape)
-        base = _Base(image=image, density=density, count=example.count)
+            dmap = resample_density(dmap, shape)
+        base = _Base(image=image, density=dmap, count=example.count)
         self._counts[index] = example.count
         if self.cache_in_memory:
             self._cache[index] = base
@@ -294,25 +249,13 @@ class CrowdDataset(Dataset):
 
     def true_count(self, index: int) -> int:
         """Number of annotated heads of image ``index`` (after the point policy of helpers.data)."""
-        if index not in self._counts:
-            from helpers.data import clean_points, image_size, read_points
-
-            record = self.records[index]
-            if record.points_path is None:
-                from helpers.data import missing_annotation
-
-                raise missing_annotation(record.image_path)
-            points = read_points(record.points_path)
-            self._counts[index] = len(clean_points(points, image_size(record.image_path))[0])
+        if index not in self._counts:  # reads the annotation and the image header only
+            self._counts[index] = len(density.record_points(self.records[index])[0])
         return self._counts[index]
 
-    # ----------------------------------------------------------------- sampling
-
     def plan(self, index: int, epoch: int | None = None, shape: tuple[int, int] | None = None) -> AugmentPlan:
-        """The augmentation of sample ``index`` in ``epoch`` (train mode).
-
-        ``shape`` is the image size after ``resize`` (read from the image when omitted).
-        """
+        """The augmentation of sample ``index`` in ``epoch`` (train mode); ``shape`` is the image
+        size after ``resize`` (read from the image when omitted)."""
         epoch = self.epoch if epoch is None else int(epoch)
         if shape is None:
             shape = self._load_base(index).image.shape[:2]
@@ -325,30 +268,19 @@ class CrowdDataset(Dataset):
         h, w = scaled_shape(shape, scale) if scale != 1.0 else shape
         top = int(u_top * (h - self.crop + 1)) if h > self.crop else 0
         left = int(u_left * (w - self.crop + 1)) if w > self.crop else 0
-        return AugmentPlan(
-            scale=scale,
-            top=top,
-            left=left,
-            flip=self.flip and u_flip < 0.5,
-            gray=u_gray < self.gray_prob,
-        )
+        return AugmentPlan(scale, top, left, self.flip and u_flip < 0.5, u_gray < self.gray_prob)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``ds[i]`` (epoch ``ds.epoch``) or ``ds[(epoch, i)]`` -> ``(image, target)`` tensors."""
-        if isinstance(key, tuple):
-            epoch, index = int(key[0]), int(key[1])
-        else:
-            epoch, index = self.epoch, int(key)
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} images")
         base = self._load_base(index)
         if self.mode == "eval":
-            image, density = self._eval_sample(base)
+            image, dmap = self._eval_sample(base)
         else:
-            image, density = self._train_sample(base, self.plan(index, epoch, base.image.shape[:2]))
-        from helpers.density import downsample_density
-
-        target = downsample_density(density, self.stride)
+            image, dmap = self._train_sample(base, self.plan(index, epoch, base.image.shape[:2]))
+        target = density.downsample_density(dmap, self.stride)
         return torch.from_numpy(image), torch.from_numpy(np.ascontiguousarray(target, np.float32)[None])
 
     def _eval_sample(self, base: _Base) -> tuple[np.ndarray, np.ndarray]:
@@ -374,7 +306,7 @@ class CrowdDataset(Dataset):
             img_c = img_c[:, ::-1]
             den_c = den_c[:, ::-1]
         if plan.gray:
-            img_c = to_grayscale(img_c)
+            img_c = _to_grayscale(img_c)
         hc, wc = den_c.shape
         image = np.zeros((3, c, c), dtype=np.float32)  # padding: ImageNet mean colour
         image[:, :hc, :wc] = normalize_image(np.ascontiguousarray(img_c))
@@ -384,7 +316,5 @@ class CrowdDataset(Dataset):
 
     def __repr__(self) -> str:
         extra = f", crop={self.crop}" if self.mode == "train" else ""
-        return (
-            f"CrowdDataset({len(self)} images, mode={self.mode!r}{extra}, stride={self.stride}, "
-            f"resize={self.resize}, cache_in_memory={self.cache_in_memory})"
-        )
+        return (f"CrowdDataset({len(self)} images, mode={self.mode!r}{extra}, stride={self.stride}, "
+                f"resize={self.resize}, cache_in_memory={self.cache_in_memory})")

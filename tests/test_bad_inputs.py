@@ -6,7 +6,7 @@ every stage that can meet it:
     reader     helpers.data          list_records / load_example (image + points + point policy)
     density    helpers.density       load_density (ground truth, HDF5 cache under CROWD_CACHE)
     samples    helpers.samples       CrowdDataset (train crop and eval) through make_loader
-    predict    helpers.predict       count(path, checkpoint) and the command line
+    predict    helpers.tools.inference     count_image(path, checkpoint) and the command line
     evaluate   helpers.tools.evaluate      evaluate_checkpoint and the command line
 
 Each stage ends either in a documented policy (checked: the counts that come out) or in one
@@ -37,9 +37,6 @@ import torch
 from PIL import Image
 
 from helpers import config, data, predict
-from helpers.tools import checkpoints
-from helpers.tools import evaluate
-from helpers.tools import fileio
 from helpers import density as dens
 from helpers.errors import (
     AnnotationError,
@@ -50,6 +47,9 @@ from helpers.errors import (
 )
 from helpers.models import HeatmapCNN
 from helpers.samples import CrowdDataset
+from helpers.tools import cache as density_cache
+from helpers.tools import checkpoints, cli, evaluate, fileio, inference, verify
+from helpers.tools.folders import records_in_folder
 from helpers.tools.loading import make_loader
 from helpers.tools.synth import write_points_mat
 
@@ -79,7 +79,7 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    predict._MODEL_CACHE.clear()
+    inference._MODEL_CACHE.clear()
     yield home
     torch.set_num_threads(threads)
 
@@ -237,11 +237,11 @@ def _orphan_annotation(split: Path) -> None:
 
 def _check_bad_points(ex: data.Example) -> None:
     assert ex.report.n_raw == 7 and ex.report.non_finite == 2 and ex.report.outside == 3
-    assert ex.report.changed and ex.count == 2
+    assert ex.report.n_kept == ex.count == 2
 
 
 def _check_duplicates(ex: data.Example) -> None:
-    assert ex.report.duplicates == 2 and ex.count == 5 and not ex.report.changed
+    assert ex.report.duplicates == 2 and ex.count == 5 and ex.report.non_finite == ex.report.outside == 0
 
 
 def _check_rgb(ex: data.Example) -> None:
@@ -290,7 +290,7 @@ CASES = [
          _image_and_points(jpeg_bytes()[:160] + b"\x00" * 4 + jpeg_bytes()[164:], GOOD_POINTS),
          **_image_fails(ImageReadError, "not a readable image")),
     # policy: damaged compressed pixels behind an intact header decode as garbled blocks (libjpeg
-    # cannot tell); only `python -m helpers.data verify` (sha256) catches them
+    # cannot tell); only `crowd verify` (sha256) catches them
     Case("corrupt_jpeg_scan_data",
          _image_and_points(jpeg_bytes()[:650] + bytes(
              np.random.default_rng(3).integers(0, 255, len(jpeg_bytes()) - 652, dtype=np.uint8)
@@ -365,7 +365,7 @@ def stage_reader(root: Path) -> data.Example:
 
 def stage_density(root: Path) -> np.ndarray:
     (record,) = _records(root)
-    return dens.load_density(record)
+    return density_cache.load_density(record)
 
 
 def stage_samples(root: Path) -> tuple[float, float]:
@@ -381,7 +381,7 @@ def stage_samples(root: Path) -> tuple[float, float]:
 
 def stage_predict(root: Path, ckpt: Path) -> predict.Prediction:
     (record,) = _records(root)
-    return predict.count(record.image_path, ckpt, device="cpu")
+    return inference.count_image(record.image_path, ckpt, device="cpu")
 
 
 def stage_evaluate(root: Path, ckpt: Path) -> evaluate.EvaluationResult:
@@ -463,7 +463,7 @@ def test_orphan_annotation_is_reported_by_verify(tmp_path):
     _orphan_annotation(split)
     Image.fromarray(pixels()).save(split / "images" / "IMG_3.jpg")  # and an image without one
     (tmp_path / "empty.sha256").write_text("")
-    report = data.verify(root, tmp_path / "empty.sha256", progress=False)
+    report = verify.verify(root, tmp_path / "empty.sha256", progress=False)
     orphan = [p for p in report.problems if "GT_IMG_2.mat" in p]
     lonely = [p for p in report.problems if "IMG_3.jpg" in p]
     assert orphan and "annotation without an image" in orphan[0]
@@ -504,7 +504,7 @@ def test_predict_command_reports_bad_image_and_goes_on(case_id, tmp_path, ckpt, 
     good = tmp_path / "good.png"
     Image.fromarray(pixels()).save(good)
     out = tmp_path / "overlays"
-    status = predict.main([str(bad), str(good), "--checkpoint", str(ckpt), "--out", str(out)])
+    status = cli.main(["predict", str(bad), str(good), "--checkpoint", str(ckpt), "--out", str(out)])
     captured = capsys.readouterr()
     assert status == 1
     (line,) = captured.err.strip().splitlines()
@@ -521,7 +521,7 @@ def test_evaluate_command_one_line_error(case_id, tmp_path, ckpt, capsys):
     (split / "images").mkdir(parents=True)
     (split / "ground-truth").mkdir(parents=True)
     case.build(split)
-    status = evaluate.main(["--checkpoint", str(ckpt), "--part", "B", "--split", "train",
+    status = cli.main(["evaluate", "--checkpoint", str(ckpt), "--part", "B", "--split", "train",
                             "--data-root", str(root), "--csv", str(tmp_path / "e.csv"),
                             "--device", "cpu"])
     err = capsys.readouterr().err
@@ -563,13 +563,13 @@ USER_CASES = [
 @pytest.mark.parametrize("case_id,name,text,outcome", USER_CASES, ids=[c[0] for c in USER_CASES])
 def test_user_folder_points_files(case_id, name, text, outcome, tmp_path, ckpt):
     folder = _user_folder(tmp_path, name, text)
-    (record,) = data.records_in_folder(folder)
+    (record,) = records_in_folder(folder)
     assert record.points_path == folder / name
     before = snapshot(folder)
     predictor = evaluate.CheckpointPredictor(ckpt, device="cpu")
     stages = {
         "reader": lambda: data.load_example(record).count,
-        "density": lambda: float(dens.load_density(record).sum(dtype=np.float64)),
+        "density": lambda: float(density_cache.load_density(record).sum(dtype=np.float64)),
         "samples": lambda: float(CrowdDataset([record], "eval")[0][1].sum()),
         "evaluate": lambda: evaluate.evaluate_predictor(predictor, [record], progress=False)
         .rows[0]["true_count"],
@@ -586,25 +586,25 @@ def test_user_folder_points_files(case_id, name, text, outcome, tmp_path, ckpt):
 
 def test_user_image_without_points(tmp_path, ckpt):
     folder = _user_folder(tmp_path, None, None)
-    (record,) = data.records_in_folder(folder)
+    (record,) = records_in_folder(folder)
     assert record.points_path is None
     with pytest.raises(AnnotationError) as info:
         data.load_example(record)
     assert_clear_error(info.value, AnnotationError, folder / "street.png", "No annotation")
     assert data.load_example(record, require_points=False).count == 0  # policy when asked for
     with pytest.raises(AnnotationError) as info:
-        dens.load_density(record)
+        density_cache.load_density(record)
     assert_clear_error(info.value, AnnotationError, folder / "street.png", "No annotation")
     with pytest.raises(AnnotationError) as info:
         CrowdDataset([record], "eval").true_count(0)
     assert_clear_error(info.value, AnnotationError, folder / "street.png", "No annotation")
-    assert predict.count(folder / "street.png", ckpt, device="cpu").count >= 0
+    assert inference.count_image(folder / "street.png", ckpt, device="cpu").count >= 0
 
 
 # --------------------------------------------------------------------------- pixel limit, tiling
 
 
-def test_pixel_limit_is_pillows_guard_and_is_stated(tmp_path):
+def test_pixel_limit_is_checked_from_the_header_and_stated(tmp_path):
     """Headers over the limit are refused before decoding, with the limit in the message."""
     before = Image.MAX_IMAGE_PIXELS
     bomb = tmp_path / "bomb.png"
@@ -746,7 +746,7 @@ def test_bad_checkpoint_through_every_stage(case_id, build, what, tmp_path, caps
     image = split / "images" / "IMG_1.jpg"
     stages = {
         "load_model": lambda: checkpoints.load_model(path, device="cpu"),
-        "predict": lambda: predict.count(image, path, device="cpu"),
+        "predict": lambda: inference.count_image(image, path, device="cpu"),
         "evaluate": lambda: evaluate.evaluate_checkpoint(path, "B", "test", root=root,
                                                          device="cpu", progress=False),
     }
@@ -758,8 +758,8 @@ def test_bad_checkpoint_through_every_stage(case_id, build, what, tmp_path, caps
         else:
             pytest.fail(f"{stage} accepted the bad checkpoint")
     # both command lines: one line on stderr naming the file, exit status 1
-    assert predict.main([str(image), "--checkpoint", str(path), "--out", str(tmp_path / "o")]) == 1
-    assert evaluate.main(["--checkpoint", str(path), "--part", "B", "--data-root", str(root),
+    assert cli.main(["predict", str(image), "--checkpoint", str(path), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["evaluate", "--checkpoint", str(path), "--part", "B", "--data-root", str(root),
                           "--device", "cpu"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") and str(path) in line for line in err)
@@ -821,7 +821,8 @@ _FULL_DISK = r"""
 import resource, signal, sys
 from pathlib import Path
 import torch
-from helpers import data, density
+from helpers import data
+from helpers.tools import cache as density_cache
 from helpers.tools.checkpoints import save_checkpoint
 from helpers.errors import CacheError, CheckpointError
 
@@ -834,7 +835,7 @@ try:
 except CheckpointError as exc:
     print("checkpoint:", exc)
 try:
-    density.load_density(record)
+    density_cache.load_density(record)
 except CacheError as exc:
     print("cache:", exc)
 """
@@ -856,8 +857,8 @@ def test_real_full_disk_keeps_files_and_does_not_crash(tmp_path, isolated):
     Image.fromarray(pixels(200, 300)).save(split / "images" / "IMG_1.jpg")
     write_points_mat(split / "ground-truth" / "GT_IMG_1.mat", rng.uniform(0, 200, (60, 2)))
     (record,) = _records(root)
-    dens.load_density(record)
-    cache = dens.cache_path(record)
+    density_cache.load_density(record)
+    cache = density_cache.cache_path(record)
     ckpt = write_checkpoint(tmp_path / "run" / "last.pt", epoch=1)
     good_cache, good_ckpt = cache.read_bytes(), ckpt.read_bytes()
     assert len(good_cache) > limit and len(good_ckpt) > limit  # a new file cannot be written
@@ -904,8 +905,8 @@ def test_cache_write_failure_keeps_the_previous_file(label, error, shown, tmp_pa
     _image_and_points(None, GOOD_POINTS)(split)
     (record,) = _records(tmp_path / "ds")
     params = dens.DensityParams()
-    first = dens.load_density(record, params)
-    cache = dens.cache_path(record, params)
+    first = density_cache.load_density(record, params)
+    cache = density_cache.cache_path(record, params)
     good = cache.read_bytes()
     # the annotation changes, so the map must be rebuilt, and the disk is now full
     write_points_mat(record.points_path, GOOD_POINTS[:2])
@@ -917,9 +918,9 @@ def test_cache_write_failure_keeps_the_previous_file(label, error, shown, tmp_pa
 
     real_fsync = fileio._fsync_file
     monkeypatch.setattr(fileio, "_fsync_file", full_disk)
-    for run in (lambda: dens.load_density(record, params),
-                lambda: dens.build_cache([record], params, progress=False),
-                lambda: CrowdDataset([record], "eval")[0]):
+    for run in (lambda: density_cache.load_density(record, params),
+                lambda: density_cache.build_cache([record], params, progress=False),
+                lambda: CrowdDataset([record], "eval", density_fn=density_cache.load_density)[0]):
         with pytest.raises(CrowdError) as info:
             run()
         assert_clear_error(info.value, CacheError, cache.parent, shown)
@@ -927,8 +928,8 @@ def test_cache_write_failure_keeps_the_previous_file(label, error, shown, tmp_pa
         assert cache.read_bytes() == good  # the previous file is intact...
         assert _leftovers(cache.parent) == []  # ...and no temporary file is left
     monkeypatch.setattr(fileio, "_fsync_file", real_fsync)  # room on the disk again
-    assert dens.cache_status(record, params) == "stale"  # rebuilt once there is room again
-    second = dens.load_density(record, params)
+    assert density_cache.cache_status(record, params) == "stale"  # rebuilt once there is room again
+    second = density_cache.load_density(record, params)
     assert first.sum() == pytest.approx(4, abs=1e-4) and second.sum() == pytest.approx(2, abs=1e-4)
 
 
@@ -942,7 +943,7 @@ def test_cache_location_not_writable(tmp_path, monkeypatch):
     blocker.write_text("a file where the cache folder should be")
     monkeypatch.setenv("CROWD_CACHE", str(blocker))
     with pytest.raises(CrowdError) as info:
-        dens.load_density(record)
+        density_cache.load_density(record)
     assert_clear_error(info.value, CacheError, blocker, "Cannot write the density cache")
     assert "CROWD_CACHE" in str(info.value)
 
@@ -962,7 +963,7 @@ def test_caches_never_go_into_the_dataset(tmp_path, isolated):
     root = tmp_path / "ShanghaiTech"
     records = _tiny_dataset(root)
     before = snapshot(root)
-    stats = dens.build_cache(records, progress=False)
+    stats = density_cache.build_cache(records, progress=False)
     assert stats["built"] == 2
     assert all(Path(d).is_relative_to(config.cache_root()) for d in stats["cache_dirs"])
     sums = [float(CrowdDataset(records, "eval")[i][1].sum()) for i in (0, 1)]
@@ -999,7 +1000,7 @@ def test_read_only_dataset_folder(tmp_path, ckpt):
             p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
         with pytest.raises(PermissionError):
             (root / "probe").write_text("x")
-        assert dens.build_cache(records, progress=False)["built"] == 2
+        assert density_cache.build_cache(records, progress=False)["built"] == 2
         ds = CrowdDataset(records, "train", crop=CROP)
         assert float(ds[0][1].sum()) == pytest.approx(2, abs=1e-4)
         result = evaluate.evaluate_checkpoint(ckpt, "B", "train", root=root, device="cpu",

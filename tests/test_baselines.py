@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.data import ImageRecord
 from helpers.tools import baselines
 from helpers.tools.baselines import (
     PUBLISHED_RESULTS,
@@ -15,7 +16,6 @@ from helpers.tools.baselines import (
     published,
     published_summaries,
 )
-from helpers.data import ImageRecord
 from helpers.tools.evaluate import evaluate_predictor
 from helpers.tools.synth import write_points_mat
 

@@ -14,6 +14,8 @@ from PIL import Image
 
 from helpers import data
 from helpers.errors import AnnotationError, DatasetNotFoundError, ImageReadError
+from helpers.tools import synth, verify
+from helpers.tools.folders import records_in_folder
 
 
 def write_gt_mat(path: Path, points: np.ndarray) -> None:
@@ -65,7 +67,7 @@ def test_natural_order(tmp_path):
     folder.mkdir()
     for i in (10, 2, 1):
         Image.new("RGB", (8, 8)).save(folder / f"IMG_{i}.jpg")
-    assert [r.name for r in data.records_in_folder(folder)] == ["IMG_1", "IMG_2", "IMG_10"]
+    assert [r.name for r in records_in_folder(folder)] == ["IMG_1", "IMG_2", "IMG_10"]
 
 
 def test_wrong_root_explains(tmp_path):
@@ -89,7 +91,7 @@ def test_resolve_prefers_crowd_data(tmp_path, monkeypatch):
     monkeypatch.setenv("CROWD_DATA", str(tmp_path))
     source = data.resolve_data_source()
     assert source.root == tmp_path.resolve() and not source.synthetic
-    assert "ShanghaiTech" in data.banner(source)
+    assert "ShanghaiTech" in synth.banner(source)
 
 
 # --------------------------------------------------------------------------- images
@@ -187,7 +189,7 @@ def test_clean_points_policy_is_reported():
     kept, rep = data.clean_points(pts, (5, 10), policy="drop")
     assert rep.n_raw == 8 and rep.non_finite == 2 and rep.outside == 4  # (5,5) twice: y == H is outside
     np.testing.assert_allclose(kept, [[1, 1], [9.99, 4.5]])
-    assert rep.n_kept == 2 and rep.duplicates == 0 and rep.changed
+    assert rep.n_kept == 2 and rep.duplicates == 0
     clipped, rep = data.clean_points(pts, (5, 10), policy="clip")
     assert rep.n_kept == 6 and rep.outside == 4
     assert (clipped[:, 0] < 10).all() and (clipped[:, 1] < 5).all() and (clipped >= 0).all()
@@ -197,7 +199,7 @@ def test_clean_points_policy_is_reported():
 
 def test_load_example_requires_annotation(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "lonely.jpg")
-    (rec,) = data.records_in_folder(tmp_path)
+    (rec,) = records_in_folder(tmp_path)
     with pytest.raises(AnnotationError, match="No annotation"):
         data.load_example(rec)
     assert data.load_example(rec, require_points=False).count == 0
@@ -231,7 +233,7 @@ def test_take_evenly():
 def test_verify_reports_problems(tmp_path):
     make_layout(tmp_path, n=2)
     (tmp_path / "part_A" / "train_data" / "ground-truth" / "GT_IMG_2.mat").unlink()
-    report = data.verify(tmp_path, checksums=None, progress=False)
+    report = verify.verify(tmp_path, checksums=None, progress=False)
     text = "\n".join(report.problems)
     assert not report.ok
     assert "part_A/train: 2 images, expected 300" in text
@@ -280,7 +282,7 @@ def test_real_val_split_sizes(real_data_root):
 @pytest.mark.dataset
 def test_verify_command_on_real_dataset(real_data_root):
     out = subprocess.run(
-        [sys.executable, "-m", "helpers.data", "verify", str(real_data_root), "--json"],
+        [sys.executable, "-m", "helpers", "verify", str(real_data_root), "--json"],
         capture_output=True, text=True, check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -291,7 +293,7 @@ def test_verify_command_on_real_dataset(real_data_root):
 
 def test_verify_command_bad_root_exits_1(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "helpers.data", "verify", str(tmp_path / "nothing")],
+        [sys.executable, "-m", "helpers", "verify", str(tmp_path / "nothing")],
         capture_output=True, text=True, check=False,
     )
     assert out.returncode == 1

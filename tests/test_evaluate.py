@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.tools import evaluate
-from helpers.tools.checkpoints import save_checkpoint
 from helpers.data import list_records, read_points
 from helpers.models import HeatmapCNN
+from helpers.tools import cli, evaluate
+from helpers.tools.checkpoints import save_checkpoint
 from helpers.tools.synth import write_points_mat
 
 H, W = 96, 128
@@ -132,14 +132,14 @@ def test_aggregates_equal_numpy_computations_from_the_csv(result, tiny_root, tmp
 
 
 def test_counts_match_training_validation_at_the_checkpoint_resize(result, tiny_root, tiny_ckpt, env):
-    from helpers.tools.checkpoints import load_model
     from helpers.samples import CrowdDataset
+    from helpers.tools.checkpoints import load_model
     from helpers.train import evaluate_counts
 
     assert result.summary["settings"]["resize"] == 0.5
     model, info = load_model(tiny_ckpt, "cpu")
     ds = CrowdDataset(list_records("B", "test", tiny_root), mode="eval", resize=0.5)
-    reference = evaluate_counts(model, ds, info.scale, "cpu")
+    reference = evaluate_counts(model, ds, scale=info.scale, device="cpu")
     np.testing.assert_allclose(result.pred_counts, reference["pred"], rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(result.true_counts, reference["true"])
 
@@ -228,7 +228,7 @@ def test_results_table_and_files(result, tmp_path):
 
 
 def _run(args, env, timeout=120):
-    return subprocess.run([sys.executable, "-m", "helpers.tools.evaluate", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "helpers", "evaluate", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -251,23 +251,49 @@ def test_cli_prints_json_and_writes_csv_next_to_the_checkpoint(env, tiny_ckpt, t
 def test_cli_bad_checkpoint_and_bad_dataset_exit_1(env, tmp_path, capsys):
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
-    assert evaluate.main(["--checkpoint", str(bad), "--part", "B", "--device", "cpu"]) == 1
+    assert cli.main(["evaluate", "--checkpoint", str(bad), "--part", "B", "--device", "cpu"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "broken.pt" in err
-    assert evaluate.main(["--baseline", "mean", "--part", "B", "--data-root", str(tmp_path / "nowhere")]) == 1
+    assert cli.main(["evaluate", "--baseline", "mean", "--part", "B", "--data-root", str(tmp_path / "nowhere")]) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and "nowhere" in err
     with pytest.raises(SystemExit) as stop:
-        evaluate.main(["--baseline", "mean", "--part", "C"])
+        cli.main(["evaluate", "--baseline", "mean", "--part", "C"])
     assert stop.value.code == 1 and capsys.readouterr().err.startswith("error: ")
 
 
 def test_cli_mean_baseline_in_process(env, tmp_path, capsys):
-    assert evaluate.main(["--baseline", "mean", "--part", "B", "--csv", str(tmp_path / "m.csv")]) == 0
+    assert cli.main(["evaluate", "--baseline", "mean", "--part", "B", "--csv", str(tmp_path / "m.csv")]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = _read_rows(tmp_path / "m.csv")
     assert out["images"] == N_TEST == len(rows)
     assert out["settings"]["fit_images"] == N_TRAIN - 1  # fit = train minus the validation image
     assert out["game"] is not None and out["localization"] is None
     assert {float(r["pred_count"]) for r in rows} == {out["settings"]["mean_count"]}
+
+
+def test_localization_accumulator_is_micro_average():
+    acc = evaluate.LocalizationAccumulator(radii=(4,))
+    pts = np.array([[0.0, 0.0], [20.0, 20.0]])
+    acc.add(pts, pts)  # tp 2
+    acc.add(None, np.array([[1.0, 1.0], [2.0, 9.0], [9.0, 2.0]]))  # fn 3
+    s = acc.scores()
+    assert s["images"] == 2
+    per = s["per_radius"][4.0]
+    assert (per["tp"], per["fp"], per["fn"]) == (2, 0, 3)
+    assert s["precision"] == pytest.approx(1.0)
+    assert s["recall"] == pytest.approx(2 / 5)
+    assert s["f1"] == pytest.approx(4 / 7)  # the mean of per-image F1s would be 0.5
+
+
+def test_localization_accumulator_means_over_radii():
+    acc = evaluate.LocalizationAccumulator(radii=(1, 2, 4))
+    acc.add([[0.0, 0.0]], [[1.5, 0.0]])
+    res = acc.scores()
+    assert res["per_radius"][1.0]["tp"] == 0
+    assert res["per_radius"][2.0]["tp"] == 1 and res["per_radius"][4.0]["tp"] == 1
+    assert res["f1"] == pytest.approx(2 / 3)
+    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="radius"):
+        evaluate.LocalizationAccumulator(radii=())

@@ -75,34 +75,34 @@ def tiny_root(tmp_path) -> Path:
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 50])
 @pytest.mark.parametrize("k", [1, 3])
-def test_knn_distances_match_brute_force(n, k):
+def test_mean_knn_distance_match_brute_force(n, k):
     pts = np.random.default_rng(n * 10 + k).uniform(0, 100, size=(n, 2))
-    got = explore.knn_distances(pts, k)
+    got = explore.mean_knn_distance(pts, k)
     assert got.shape == (n,)
     np.testing.assert_allclose(got, brute_knn(pts, k), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
-def test_knn_distances_small_cases_by_hand():
-    assert np.isnan(explore.knn_distances(np.array([[3.0, 4.0]]))).all()  # no neighbour
-    np.testing.assert_allclose(explore.knn_distances(np.array([[0.0, 0.0], [3.0, 4.0]])), [5.0, 5.0])
+def test_mean_knn_distance_small_cases_by_hand():
+    assert np.isnan(explore.mean_knn_distance(np.array([[3.0, 4.0]]))).all()  # no neighbour
+    np.testing.assert_allclose(explore.mean_knn_distance(np.array([[0.0, 0.0], [3.0, 4.0]])), [5.0, 5.0])
     # N = 3 <= k: each point averages its two neighbours (3-4-5 triangle).
     tri = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
-    np.testing.assert_allclose(explore.knn_distances(tri, 3), [(3 + 4) / 2, (3 + 5) / 2, (4 + 5) / 2])
+    np.testing.assert_allclose(explore.mean_knn_distance(tri, 3), [(3 + 4) / 2, (3 + 5) / 2, (4 + 5) / 2])
 
 
-def test_knn_distances_coincident_points():
+def test_mean_knn_distance_coincident_points():
     pts = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [4.0, 5.0], [10.0, 1.0]])
-    got = explore.knn_distances(pts, 3)
+    got = explore.mean_knn_distance(pts, 3)
     np.testing.assert_allclose(got, brute_knn(pts, 3), atol=1e-12)
     # a triple point: its two twins at 0 and the point at (4, 5), distance 5
     np.testing.assert_allclose(got[:3], 5.0 / 3)
-    twins = explore.knn_distances(np.array([[2.0, 2.0], [2.0, 2.0]]), 3)
+    twins = explore.mean_knn_distance(np.array([[2.0, 2.0], [2.0, 2.0]]), 3)
     np.testing.assert_array_equal(twins, [0.0, 0.0])
 
 
-def test_knn_distances_rejects_bad_k():
+def test_mean_knn_distance_rejects_bad_k():
     with pytest.raises(ValueError):
-        explore.knn_distances(np.zeros((3, 2)), 0)
+        explore.mean_knn_distance(np.zeros((3, 2)), 0)
 
 
 # --------------------------------------------------------------------------- summaries

@@ -7,11 +7,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from helpers.tools import fast_inference as fi
-from helpers import predict
 from helpers.models import CSRNet, HeatmapCNN
 from helpers.samples import normalize_image
-from helpers.train import recalibrate_batchnorm
+from helpers.tools import fast_inference as fi
+from helpers.tools import inference
+from helpers.tools.inference import count_image
+from helpers.tools.trainer import recalibrate_batchnorm
 
 needs_x86 = pytest.mark.skipif(fi.ENGINE not in torch.backends.quantized.supported_engines,
                                reason="this PyTorch build has no x86 quantization engine")
@@ -115,20 +116,50 @@ def test_count_fast_on_cpu_matches_float_tiled_and_is_prepared_once(heatmap_mode
     model = fi.fold_batchnorm(heatmap_model)  # a fresh module: nothing prepared for it yet
     model.output_stride = 8
     image = blob_image(7, shape=(320, 448))
-    plain = predict.count(image, model, tile=0)
-    fast = predict.count(image, model, fast=True, tile=0)
-    tiled = predict.count(image, model, fast=True, tile=128)  # tiles with context margins
+    plain = count_image(image, model, tile=0)
+    fast = count_image(image, model, fast=True, tile=0)
+    tiled = count_image(image, model, fast=True, tile=128)  # tiles with context margins
     assert tiled.n_tiles > 1
     tol = 0.02 if fi.has_fast_int8() else 1e-4  # int8 where it is fast, else float32
     assert fast.count == pytest.approx(plain.count, rel=tol)
     assert tiled.count == pytest.approx(plain.count, rel=tol)
-    prepared = predict._FAST_CPU_MODELS[model][1]
-    predict.count(image, model, fast=True)
-    assert predict._FAST_CPU_MODELS[model][1] is prepared  # kept, not prepared again
+    prepared = inference._FAST_CPU_MODELS[model][1]
+    count_image(image, model, fast=True)
+    assert inference._FAST_CPU_MODELS[model][1] is prepared  # kept, not prepared again
     with torch.no_grad():
         model.head.bias.add_(0.5)  # new weights: prepared again, and the count follows
-    again = predict.count(image, model, fast=True, tile=0)
-    assert predict._FAST_CPU_MODELS[model][1] is not prepared
+    again = count_image(image, model, fast=True, tile=0)
+    assert inference._FAST_CPU_MODELS[model][1] is not prepared
     assert again.count > fast.count
     # the caller's model still runs in float32 with its own weights
     assert not any(type(m).__module__.startswith("torch.ao") for m in model.modules())
+
+
+@pytest.mark.parametrize("failure", ["missing module", "raises"])
+def test_int8_failure_falls_back_to_float32_with_one_line(heatmap_model, monkeypatch, capsys, failure):
+    """torch.ao.quantization is deprecated: missing or broken, the fast path counts in float32."""
+    import sys
+
+    model = fi.fold_batchnorm(heatmap_model)  # a fresh module: nothing prepared for it yet
+    model.output_stride = 8
+    image = blob_image(8, shape=(160, 224))
+    plain = count_image(image, model, tile=0)
+    monkeypatch.setattr(fi, "has_fast_int8", lambda: True)  # int8 is tried on any processor
+    if failure == "missing module":
+        monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # import raises ImportError
+    else:
+        def broken(*args, **kwargs):
+            raise RuntimeError("quantized::conv2d is not supported in this build")
+
+        monkeypatch.setattr(fi, "quantize_int8", broken)
+    capsys.readouterr()
+    fast = count_image(image, model, fast=True, tile=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("int8 quantization failed (")
+    assert err[0].endswith("counting in float32 instead.")
+    assert inference._FAST_CPU_MODELS[model][1].fast_kind == "float32"
+    assert fast.count == pytest.approx(plain.count, rel=1e-5)  # folded float32: rounding only
+    exact = fi.prepare_fast_cpu(model)  # the float32 fast model, asked for directly
+    with torch.no_grad():
+        expected = exact(tensor(image).contiguous(memory_format=torch.channels_last)).sum().item()
+    assert fast.count == pytest.approx(expected, rel=1e-6)

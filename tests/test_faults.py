@@ -1,6 +1,6 @@
 """Faults never lose work: SIGKILL at random points of training and of a density-cache build.
 
-Training: a real ``python -m helpers.train``-equivalent process (``helpers.train.main`` run by a
+Training: a real ``crowd train``-equivalent process (``helpers.tools.cli.main`` run by a
 small driver script, written into a temporary folder) kills itself with SIGKILL at a point chosen
 by the test: at a seeded random moment between two optimiser steps, or in the middle of writing
 ``last.pt``, ``best.pt`` or ``history.csv`` (the temporary file half written, or complete but not
@@ -9,10 +9,10 @@ bitwise the same weights, optimiser state, weight average, ``best.pt`` and histo
 uninterrupted run, computed once for the module. After a kill, ``last.pt`` must be the last
 checkpoint whose write completed; temporary files the kill left behind are deleted by the next run.
 
-Cache: ``python -m helpers.density build`` is killed at a random moment and between writing a
+Cache: ``crowd density build`` is killed at a random moment and between writing a
 map and renaming it; partial files (torn, written by a writer killed inside HDF5, wrong or missing
 attributes or data) are put at the final names by hand. The next
-:func:`helpers.density.build_cache` finds the partial, damaged and missing files, rebuilds exactly
+:func:`helpers.tools.density_cache.build_cache` finds the partial, damaged and missing files, rebuilds exactly
 those, removes the temporary leftovers, and every map equals a fresh computation.
 
 Everything runs on the tiny 12-image set of ``tests/conftest.py`` (HeatmapCNN width 8, 64 px
@@ -36,12 +36,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import data
-from helpers import density as dens
-from helpers.tools.checkpoints import load_checkpoint
+from helpers import data, density
 from helpers.errors import CheckpointError
+from helpers.tools import cache as density_cache
+from helpers.tools.checkpoints import load_checkpoint
 from helpers.tools.fileio import stale_temp_files
-from helpers.train import read_history
+from helpers.tools.trainer import read_history
 
 TRAIN_ARGS = [
     "--model-arg", "width=8", "--batch-size", "2", "--crop", "64", "--device", "cpu",
@@ -76,7 +76,7 @@ if kind == "step":
     # pass of step `after` fires `delay` seconds later (backward, optimiser step, checkpoint
     # writes, validation, data loading...); if it has not fired when the next step computes its
     # loss, die there.
-    import helpers.train as T
+    import helpers.train as T  # the core: train_step computes the loss with T.density_loss
 
     real_loss, steps = T.density_loss, [0]
 
@@ -132,7 +132,7 @@ elif kind == "write":
         os.replace = replace
 elif kind == "slow_maps":
     # Every density map takes `sleep` more seconds: time for the test to kill the build.
-    import helpers.density as D
+    import helpers.tools.cache as D  # the cache builds maps with its density_map
 
     real_map = D.density_map
 
@@ -142,12 +142,12 @@ elif kind == "slow_maps":
 
     D.density_map = slow
 if command == "train":
-    import helpers.train
+    from helpers.tools.cli import main
 
-    sys.exit(helpers.train.main(argv))
-import helpers.density
+    sys.exit(main(["train", *argv]))
+from helpers.tools.cli import main
 
-sys.exit(helpers.density.main(argv))
+sys.exit(main(["density", *argv]))
 '''
 
 
@@ -355,13 +355,13 @@ BUILD_ARGS = ["build", "--part", "B", "--split", "train", "--no-progress"]
 
 
 def _assert_cache_complete(cache: Path, records) -> None:
-    params = dens.DensityParams()
+    params = density.DensityParams()
     assert _temps(cache) == [], "temporary files of the killed build were not cleaned up"
     for record in records:
-        assert dens.cache_status(record, params) == "fresh", record.name
-        np.testing.assert_array_equal(dens.load_density(record, params, build=False),
-                                      dens.compute_density(record, params))
-    again = dens.build_cache(records, params, progress=False)
+        assert density_cache.cache_status(record, params) == "fresh", record.name
+        np.testing.assert_array_equal(density_cache.load_density(record, params, build=False),
+                                      density.compute_density(record, params))
+    again = density_cache.build_cache(records, params, progress=False)
     assert again["skipped_fresh"] == len(records)
 
 
@@ -380,10 +380,10 @@ def test_cache_build_killed_at_a_random_moment(cache_env, seed):
     proc.kill()
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == SIGKILLED, f"the build was not killed mid-way:\n{out}\n{err}"
-    params = dens.DensityParams()
-    before = [dens.cache_status(r, params) for r in records]
+    params = density.DensityParams()
+    before = [density_cache.cache_status(r, params) for r in records]
     assert "fresh" in before and before.count("fresh") < len(records), before
-    stats = dens.build_cache(records, params, progress=False)
+    stats = density_cache.build_cache(records, params, progress=False)
     assert stats["skipped_fresh"] == before.count("fresh")
     assert stats["built"] + stats["rebuilt_stale"] == len(records) - before.count("fresh")
     _assert_cache_complete(cache, records)
@@ -394,7 +394,7 @@ def _open_hdf5_snapshot(path: Path, like: Path) -> None:
     for writing, its map flushed, its attributes never written."""
     scratch = path.with_name("scratch.h5")
     with h5py.File(like, "r") as src, h5py.File(scratch, "w") as fh:
-        fh.create_dataset("density", data=src["density"][()], chunks=True, **dens.COMPRESSION)
+        fh.create_dataset("density", data=src["density"][()], chunks=True, **density_cache.COMPRESSION)
         fh.flush()
         path.write_bytes(scratch.read_bytes())  # copied before the file is closed
     scratch.unlink()
@@ -403,11 +403,11 @@ def _open_hdf5_snapshot(path: Path, like: Path) -> None:
 @pytest.mark.slow
 def test_cache_partial_and_damaged_files_are_rebuilt(cache_env):
     env, cache, records = cache_env
-    params = dens.DensityParams()
+    params = density.DensityParams()
     # killed after writing the third map completely to its temporary file, before the rename
     plan = {"kind": "write", "name": "*.h5", "mode": "unrenamed", "nth": 3}
     _killed(_drive(env, plan, "density", [*BUILD_ARGS, "--root", env["CROWD_DATA"]]))
-    paths = [dens.cache_path(r, params) for r in records]
+    paths = [density_cache.cache_path(r, params) for r in records]
     assert [p.is_file() for p in paths[:3]] == [True, True, False]
     (leftover,) = stale_temp_files(paths[2].parent)
     assert leftover.name.startswith(f".{paths[2].name}.pid")
@@ -419,13 +419,13 @@ def test_cache_partial_and_damaged_files_are_rebuilt(cache_env):
     with h5py.File(paths[1], "a") as fh:  # attributes that do not fit the data
         fh.attrs["height"] = int(fh.attrs["height"]) + 1
     with h5py.File(paths[3], "w") as fh:  # the right attributes, but no map
-        fh.attrs.update(dens._expected_attrs(records[3], params))
-    status = [dens.cache_status(r, params) for r in records]
+        fh.attrs.update(density_cache._expected_attrs(records[3], params))
+    status = [density_cache.cache_status(r, params) for r in records]
     assert status == ["stale"] * 4 + ["missing"] * (len(records) - 4)
     # loading a damaged map rebuilds it instead of crashing
-    np.testing.assert_array_equal(dens.load_density(records[3], params),
-                                  dens.compute_density(records[3], params))
-    stats = dens.build_cache(records, params, progress=False)
+    np.testing.assert_array_equal(density_cache.load_density(records[3], params),
+                                  density.compute_density(records[3], params))
+    stats = density_cache.build_cache(records, params, progress=False)
     assert (stats["rebuilt_stale"], stats["built"], stats["skipped_fresh"]) == (
         3, len(records) - 4, 1)
     assert not leftover.exists()

@@ -21,7 +21,9 @@ def test_mae_rmse_mre_by_hand():
     assert metrics.mae(pred, true) == pytest.approx((2 + 0 + 5 + 3) / 4)
     assert metrics.rmse(pred, true) == pytest.approx(math.sqrt((4 + 0 + 25 + 9) / 4))
     # the image with true count 0 is left out of the relative error
-    assert metrics.mean_relative_error(pred, true) == pytest.approx((2 / 12 + 0 / 20 + 5 / 25) / 3)
+    summary = metrics.counting_summary(pred, true)
+    assert summary["mre"] == pytest.approx((2 / 12 + 0 / 20 + 5 / 25) / 3)
+    assert summary["n_mre"] == 3
 
 
 def test_rmse_docstring_names_the_papers_mse():
@@ -43,7 +45,7 @@ def test_counting_summary():
 def test_counting_edge_cases():
     assert math.isnan(metrics.mae([], []))
     assert math.isnan(metrics.rmse([], []))
-    assert math.isnan(metrics.mean_relative_error([1.0, 2.0], [0.0, 0.0]))
+    assert math.isnan(metrics.counting_summary([1.0, 2.0], [0.0, 0.0])["mre"])
     assert metrics.counting_summary([], [])["n"] == 0
     with pytest.raises(ValueError, match="one value per image"):
         metrics.mae([1, 2], [1])
@@ -150,7 +152,7 @@ def test_game_stride_cell_centres_by_hand():
     np.testing.assert_allclose(pred_r, [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]])
 
 
-def test_game_level0_is_count_error_and_mean_game_is_mae():
+def test_game_level0_is_count_error_and_its_mean_is_mae():
     rng = np.random.default_rng(2)
     preds, truths, shapes = [], [], []
     for k in range(5):
@@ -158,11 +160,12 @@ def test_game_level0_is_count_error_and_mean_game_is_mae():
         preds.append(rng.random((-(-h // 8), -(-w // 8))))
         truths.append(rng.uniform(0, [w, h], size=(k * 7, 2)))
         shapes.append((h, w, 3))
-    res = metrics.mean_game(preds, truths, levels=(0, 1, 2, 3), image_shapes=shapes, stride=8)
+    per_image = [metrics.game_levels(p, t, (0, 1, 2, 3), image_shape=shape, stride=8)
+                 for p, t, shape in zip(preds, truths, shapes, strict=True)]
+    res = {level: np.mean([g[level] for g in per_image]) for level in (0, 1, 2, 3)}
     expected_mae = metrics.mae([p.sum() for p in preds], [len(t) for t in truths])
     assert res[0] == pytest.approx(expected_mae)
     assert res[0] <= res[1] + 1e-9 <= res[2] + 2e-9 <= res[3] + 3e-9  # finer grids never lower
-    assert math.isnan(metrics.mean_game([], [])[0])
 
 
 def test_game_bad_input():
@@ -373,29 +376,3 @@ def test_scores_from_counts_by_hand():
     assert s["precision"] == pytest.approx(0.75)
     assert s["recall"] == pytest.approx(0.6)
     assert s["f1"] == pytest.approx(2 * 0.75 * 0.6 / (0.75 + 0.6))
-
-
-def test_localization_over_radii():
-    res = metrics.localization_over_radii([[0.0, 0.0]], [[1.5, 0.0]], radii=(1, 2, 4))
-    assert res["per_radius"][1.0]["tp"] == 0
-    assert res["per_radius"][2.0]["tp"] == 1 and res["per_radius"][4.0]["tp"] == 1
-    assert res["f1"] == pytest.approx(2 / 3)
-    assert res["precision"] == pytest.approx(2 / 3) and res["recall"] == pytest.approx(2 / 3)
-
-
-def test_accumulator_is_micro_average():
-    acc = metrics.LocalizationAccumulator(radii=(4,))
-    pts = np.array([[0.0, 0.0], [20.0, 20.0]])
-    acc.add(pts, pts)  # tp 2
-    acc.add(None, np.array([[1.0, 1.0], [2.0, 9.0], [9.0, 2.0]]))  # fn 3
-    s = acc.scores()
-    assert s["images"] == 2
-    per = s["per_radius"][4.0]
-    assert (per["tp"], per["fp"], per["fn"]) == (2, 0, 3)
-    assert s["precision"] == pytest.approx(1.0)
-    assert s["recall"] == pytest.approx(2 / 5)
-    assert s["f1"] == pytest.approx(4 / 7)  # the mean of per-image F1s would be 0.5
-    same = metrics.dataset_localization(
-        [pts, None], [pts, np.array([[1.0, 1.0], [2.0, 9.0], [9.0, 2.0]])], radii=(4,)
-    )
-    assert same == s

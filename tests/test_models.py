@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import socket
 import time
 import urllib.error
@@ -18,6 +17,7 @@ from scipy.signal import convolve2d
 from torch import nn
 
 from helpers import models
+from helpers.analysis.diagnostics import effective_kernel, stacked_taps
 from helpers.errors import CheckpointError
 from helpers.models import (
     CSRNet,
@@ -25,10 +25,8 @@ from helpers.models import (
     PretrainedWeightsWarning,
     build_model,
     count_parameters,
-    effective_kernel,
     load_vgg16_frontend,
     receptive_field,
-    stacked_taps,
 )
 
 # VGG16 (configuration D) up to conv4_3 and the CSRNet backend, written out independently of the
@@ -487,15 +485,3 @@ def test_heatmap_cnn_overfits_one_batch():
         losses.append(loss.item())
     # About 100x in 200 steps here; ask for 10x.
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
-
-
-# ------------------------------------------------------------------ command line
-
-
-def test_cli_prints_summary_and_rejects_bad_size(capsys):
-    assert models.main(["--model", "heatmap_cnn", "--size", "64", "96", "--repeats", "1"]) == 0
-    info = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert info["output"] == [1, 1, 8, 12] and info["receptive_field"] == 162
-    assert info["parameters"] == heatmap_expected_params(32)
-    assert models.main(["--size", "4", "4"]) == 1
-    assert capsys.readouterr().err.startswith("error: ")

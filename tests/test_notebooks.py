@@ -67,7 +67,7 @@ SAVEFIG_ALLOWED = {
     ("viz/common.py", "save_figure"): "the one writer of report figures (report/figures/)",
     ("viz/common.py", "figure_png"): "renders into an in-memory buffer, writes no file",
     ("viz/predict.py", "save_png"): "overlays of the predict command, written where its user asks",
-    ("report.py", "write_figure_sheet"): "the report's PDF sheet of the figures in report/figures",
+    ("tools/report.py", "write_figure_sheet"): "the report's PDF sheet of the figures in report/figures",
 }
 
 

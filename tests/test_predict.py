@@ -17,10 +17,12 @@ from scipy import ndimage
 from torch import nn
 
 from helpers import predict
-from helpers.tools.checkpoints import save_checkpoint
 from helpers.errors import CheckpointError, ImageReadError
 from helpers.models import IMAGENET_MEAN, IMAGENET_STD, HeatmapCNN
-from helpers.predict import Prediction, as_rgb_uint8, count, upsample_density
+from helpers.predict import Prediction, count, upsample_density
+from helpers.tools import cli, inference
+from helpers.tools.checkpoints import save_checkpoint
+from helpers.tools.inference import as_rgb_uint8, count_image
 
 # Normalised value of a white red channel: (1 - mean_R) / std_R.
 WHITE_R = (1.0 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
@@ -102,7 +104,7 @@ def test_tiled_equals_whole_image_for_heatmap_cnn():
     model = random_heatmap_cnn()
     image = smooth_image((600, 900))
     whole = count(image, model, tile=0)
-    tiled = count(image, model, tile=256, overlap=64)
+    tiled = count_image(image, model, tile=256, overlap=64)
     assert not whole.tiled and whole.n_tiles == 1
     assert tiled.tiled and tiled.n_tiles == 15  # 3 x 5 tiles of 256 every 192 px
     assert whole.density_lowres.shape == tiled.density_lowres.shape == (75, 113)
@@ -113,6 +115,31 @@ def test_tiled_equals_whole_image_for_heatmap_cnn():
     np.testing.assert_allclose(tiled.density_lowres, lo, rtol=1e-4, atol=1e-6 * lo.max())
 
 
+@pytest.mark.parametrize("tile", [64, 256, 512])
+def test_core_tiles_are_exact(tile):
+    """The core's tiles (context margin from the receptive field, no overlap) equal the whole image."""
+    model = random_heatmap_cnn(seed=4)
+    image = smooth_image((300, 459), seed=5)  # neither side a multiple of 8 or of the tile
+    whole = count(image, model, tile=0)
+    tiled = count(image, model, tile=tile)
+    assert tiled.n_tiles == -(-300 // tile) * -(-459 // tile)
+    assert tiled.tiled == (tiled.n_tiles > 1)
+    assert tiled.count == pytest.approx(whole.count, rel=1e-6)
+    lo = whole.density_lowres
+    np.testing.assert_allclose(tiled.density_lowres, lo, rtol=1e-5, atol=1e-6 * lo.max())
+
+
+def test_count_by_hand_equals_count():
+    """Resize, normalise, pad, forward, divide by the scale, sum: the method of count()."""
+    model = random_heatmap_cnn(seed=6)
+    image = smooth_image((101, 150), seed=6)
+    x = predict.prepare_image(image, input_scale=0.5)
+    assert x.shape == (1, 3, 56, 80)  # 51 x 75 padded to multiples of 8
+    with torch.no_grad():
+        by_hand = model.eval()(x).sum().item() / 2.0
+    assert count(image, model, scale=2.0, input_scale=0.5).count == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_blending_reduces_seam_errors_with_small_margins():
     """Without enough context the tiles are wrong near their edges; overlap blending helps."""
     model = random_heatmap_cnn()
@@ -120,7 +147,7 @@ def test_blending_reduces_seam_errors_with_small_margins():
     whole = count(image, model, tile=0).density_lowres.astype(np.float64)
 
     def error(**kw) -> tuple[float, float]:
-        lo = count(image, model, tile=256, **kw).density_lowres
+        lo = count_image(image, model, tile=256, **kw).density_lowres
         inner = (slice(4, -4), slice(4, -4))  # away from the image borders
         rel_map = np.abs(lo - whole)[inner].sum() / whole[inner].sum()
         return abs(lo.sum() / whole.sum() - 1), rel_map
@@ -139,8 +166,8 @@ def test_blending_reduces_seam_errors_with_small_margins():
 )
 def test_tiling_never_double_counts(shape, tile, overlap, margin):
     scale = 4.0
-    pred = count(np.zeros((*shape, 3), np.uint8), constant_model(), scale=scale, tile=tile,
-                 overlap=overlap, margin=margin)
+    pred = count_image(np.zeros((*shape, 3), np.uint8), constant_model(), scale=scale, tile=tile,
+                       overlap=overlap, margin=margin)
     cells = -(-shape[0] // 8) * -(-shape[1] // 8)
     assert pred.tiled
     assert np.all(pred.density_lowres == np.float32(1 / scale))  # a weighted average of 1s is 1
@@ -155,7 +182,7 @@ def test_tiles_align_with_the_whole_image_grid():
     whole = count(image, model, tile=0)
     assert predict.context_margin(model) == 0
     for tile, overlap in [(64, 0), (64, 32), (96, 24), (512, 0)]:
-        tiled = count(image, model, tile=tile, overlap=overlap)
+        tiled = count_image(image, model, tile=tile, overlap=overlap)
         np.testing.assert_allclose(tiled.density_lowres, whole.density_lowres, rtol=1e-6)
 
 
@@ -165,10 +192,10 @@ def test_context_margin_from_receptive_field():
 
 
 def test_tile_starts_and_weights():
-    assert predict.tile_starts(600, 256, 192) == [0, 192, 344]
-    assert predict.tile_starts(200, 256, 192) == [0]
-    w_first = predict.blend_weights(8, 4, first=True, last=False)
-    w_next = predict.blend_weights(8, 4, first=False, last=True)
+    assert inference.tile_starts(600, 256, 192) == [0, 192, 344]
+    assert inference.tile_starts(200, 256, 192) == [0]
+    w_first = inference.blend_weights(8, 4, first=True, last=False)
+    w_next = inference.blend_weights(8, 4, first=False, last=True)
     np.testing.assert_allclose(w_first, [1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
     # consecutive tiles overlapping by exactly 4 cells: weights sum to 1 there
     np.testing.assert_allclose(w_first[4:] + w_next[:4], 1.0)
@@ -190,7 +217,10 @@ def test_automatic_tiling_above_the_pixel_budget(monkeypatch):
                                     dict(tile=-8)])
 def test_bad_tiling_arguments(kwargs):
     with pytest.raises(ValueError):
-        count(np.zeros((64, 64, 3), np.uint8), constant_model(), **kwargs)
+        count_image(np.zeros((64, 64, 3), np.uint8), constant_model(), **kwargs)
+    if "overlap" not in kwargs:
+        with pytest.raises(ValueError):
+            count(np.zeros((64, 64, 3), np.uint8), constant_model(), **kwargs)
 
 
 def test_large_image_memory_stays_bounded():
@@ -277,7 +307,7 @@ def test_padding_is_the_mean_colour_and_points_are_cell_centres():
 
 def _reference_count(rgb: np.ndarray) -> float:
     torch.manual_seed(5)
-    return count(rgb, CellConv(weight=torch.randn(1, 3, 8, 8) * 0.05)).count
+    return count_image(rgb, CellConv(weight=torch.randn(1, 3, 8, 8) * 0.05)).count
 
 
 def test_inputs_path_pil_and_array_agree(tmp_path):
@@ -289,7 +319,7 @@ def test_inputs_path_pil_and_array_agree(tmp_path):
     torch.manual_seed(5)
     model = CellConv(weight=torch.randn(1, 3, 8, 8) * 0.05)
     for image in (path, str(path), Image.open(path), rgb):
-        pred = count(image, model)
+        pred = count_image(image, model)
         assert isinstance(pred, Prediction) and pred.image_shape == (45, 70)
         assert pred.count == expected
 
@@ -318,7 +348,9 @@ def test_grayscale_rgba_uint16_float_and_bool_arrays():
     assert np.abs(as_rgb_uint8(la)[..., 1] - expected_la).max() <= 1.0
     # all of them go through count
     for image in (gray, rgb.astype(np.uint16) * 257, rgb / 255.0, np.concatenate([rgb, alpha], 2)):
-        assert count(image, constant_model()).count == 3 * 4
+        assert count_image(image, constant_model()).count == 3 * 4
+    with pytest.raises(ImageReadError, match="as_rgb_uint8"):  # the core takes uint8 RGB only
+        count(gray, constant_model())
 
 
 def test_exif_rotation_is_applied_to_files(tmp_path):
@@ -338,7 +370,7 @@ def test_exif_rotation_is_applied_to_files(tmp_path):
 )
 def test_bad_arrays_are_refused(bad):
     with pytest.raises(ImageReadError):
-        count(bad, constant_model())
+        count_image(bad, constant_model())
 
 
 def test_bad_files_are_refused(tmp_path):
@@ -372,16 +404,16 @@ def test_checkpoint_path_uses_its_scale_and_is_loaded_once(tmp_path):
     ckpt = tmp_path / "best.pt"
     model = _write_checkpoint(ckpt, scale=50.0)
     image = smooth_image((64, 96), seed=8)
-    predict._MODEL_CACHE.clear()
-    from_path = count(image, ckpt, device="cpu")
+    inference._MODEL_CACHE.clear()
+    from_path = count_image(image, ckpt, device="cpu")
     from_module = count(image, model, scale=50.0)
     assert from_path.count == pytest.approx(from_module.count, rel=1e-6)
     assert count(image, model).count == pytest.approx(50.0 * from_path.count, rel=1e-6)
-    first = predict.load_cached_model(ckpt, "cpu")
-    assert predict.load_cached_model(ckpt, "cpu")[0] is first[0]
-    assert len(predict._MODEL_CACHE) == 1
+    first = inference.load_cached_model(ckpt, "cpu")
+    assert inference.load_cached_model(ckpt, "cpu")[0] is first[0]
+    assert len(inference._MODEL_CACHE) == 1
     with pytest.raises(CheckpointError):
-        count(image, tmp_path / "missing.pt")
+        count_image(image, tmp_path / "missing.pt")
 
 
 def test_images_are_resized_to_the_scale_the_model_was_trained_at(tmp_path):
@@ -403,8 +435,8 @@ def test_images_are_resized_to_the_scale_the_model_was_trained_at(tmp_path):
     net = random_heatmap_cnn(seed=9)
     save_checkpoint(ckpt, {"model": net.state_dict(), "model_name": "heatmap_cnn",
                            "model_kwargs": {"width": 4}, "scale": 1.0, "config": {"resize": 0.5}})
-    predict._MODEL_CACHE.clear()
-    from_ckpt = count(image, ckpt, device="cpu")
+    inference._MODEL_CACHE.clear()
+    from_ckpt = count_image(image, ckpt, device="cpu")
     assert from_ckpt.model_shape == (50, 70)
     assert from_ckpt.count == pytest.approx(count(image, net, input_scale=0.5).count, rel=1e-6)
 
@@ -444,7 +476,7 @@ def test_overlay_figure_accepts_both_resolutions():
 def _run_cli(args, cwd, home) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CROWD_")}
     env.update(CROWD_HOME=str(home), OMP_NUM_THREADS="1", CROWD_DEVICE="cpu")
-    return subprocess.run([sys.executable, "-m", "helpers.predict", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "helpers", "predict", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180, check=False)
 
 
@@ -468,7 +500,7 @@ def test_command_line_good_and_bad_images(tmp_path):
     for row, name in zip(lines, ("a.png", "b.jpg"), strict=True):
         assert set(row) == {"path", "count", "seconds", "tiled", "overlay"}
         assert row["tiled"] is False and row["seconds"] > 0
-        expected = count(images / name, ckpt, device="cpu").count
+        expected = count_image(images / name, ckpt, device="cpu").count
         assert row["count"] == pytest.approx(expected, abs=1e-3)
         overlay = Image.open(row["overlay"])
         assert overlay.format == "PNG" and overlay.size[0] > 300
@@ -479,11 +511,11 @@ def test_command_line_good_and_bad_images(tmp_path):
 def test_command_line_missing_checkpoint(tmp_path, capsys):
     image = tmp_path / "a.png"
     Image.fromarray(smooth_image((40, 40))).save(image)
-    assert predict.main([str(image), "--checkpoint", str(tmp_path / "nope.pt")]) == 1
+    assert cli.main(["predict", str(image), "--checkpoint", str(tmp_path / "nope.pt")]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith("error: ") and "nope.pt" in err
     ckpt = tmp_path / "best.pt"
     _write_checkpoint(ckpt)
-    assert predict.main([str(image), "--checkpoint", str(ckpt), "--tile", "100"]) == 1
+    assert cli.main(["predict", str(image), "--checkpoint", str(ckpt), "--tile", "100"]) == 1
     assert capsys.readouterr().err.startswith("error: tile must be")

@@ -7,19 +7,18 @@ images, with a simulated clock so that the budget ends at a known step.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import train as train_mod
-from helpers.tools.checkpoints import load_checkpoint, load_model
 from helpers.data import list_records
 from helpers.errors import CrowdError
-from helpers.tools.recipes import FULL, QUICK, epochs_for_budget, recommended_config
 from helpers.samples import CrowdDataset
-from helpers.train import TrainConfig, evaluate_counts, train
+from helpers.tools.checkpoints import load_checkpoint, load_model
+from helpers.tools.recipes import FULL, QUICK, epochs_for_budget, recommended_config
+from helpers.tools.trainer import TrainConfig, train
+from helpers.train import evaluate_counts
 
 # --------------------------------------------------------------------------- recipes
 
@@ -98,18 +97,17 @@ def test_max_minutes_stops_mid_epoch_validates_and_resumes_exactly(tiny_root, tm
         # once before the epoch and once after every step, so a 4-second budget runs out after
         # step 3 of the 6 steps of an epoch (11 fit images in batches of 2).
         ticks = iter(range(10**6))
-        monkeypatch.setattr(train_mod, "_clock", lambda: float(next(ticks)))
-        stopped = train(TrainConfig(out=str(tmp_path / "cut"), max_minutes=4 / 60, **base))
+        stopped = train(TrainConfig(out=str(tmp_path / "cut"), max_minutes=4 / 60, **base),
+                        clock=lambda: float(next(ticks)))
         assert stopped.stop_reason == "time" and not stopped.stopped_early
         ts = stopped.time_stop
         assert ts is not None and (ts["epoch"], ts["batch_in_epoch"], ts["step"]) == (1, 3, 3)
         assert stopped.history == []  # no epoch was completed
-        monkeypatch.setattr(train_mod, "_clock", time.perf_counter)
         # the partial epoch's weights were validated and kept as best.pt: check against a fresh evaluation
         assert ts["improved"] and stopped.best_epoch == 1 and stopped.best_val_mae == ts["val_mae"]
         model, info = load_model(stopped.best, device="cpu")
         val = CrowdDataset(list_records("B", "val", str(tiny_root)), "eval")
-        again = evaluate_counts(model, val, info.scale, "cpu")
+        again = evaluate_counts(model, val, scale=info.scale, device="cpu")
         assert again["mae"] == pytest.approx(ts["val_mae"], rel=1e-6, abs=1e-9)
         last = load_checkpoint(stopped.last)
         assert last["batch_in_epoch"] == ts["batch_in_epoch"] and last["stop_reason"] == "time"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers.tools import report
 from helpers.errors import CrowdError
+from helpers.tools import cli, report
 from helpers.tools.evaluate import KeptImage, summarize, write_results
 
 
@@ -108,12 +108,12 @@ def test_report_without_figures_or_results(isolated_home):
 
 
 def test_command_line(filled_home, capsys):
-    assert report.main([]) == 0
+    assert cli.main(["report"]) == 0
     out = capsys.readouterr().out
     assert "report.md (3 figures, results table: yes)" in out
     assert "figure_sheet.pdf (2 pages)" in out
     assert "missing: figure 03_history (03_heatmap_cnn.ipynb)" in out
-    assert report.main(["--json", "--all-figures"]) == 0
+    assert cli.main(["report", "--json", "--all-figures"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sheet_pages"] == 3 and data["unknown_figures"] == ["my_own_plot"]
     assert data["figures"] == ["01_annotated_grid", "05_count_scatter_B"]
@@ -123,7 +123,7 @@ def test_command_line_error(isolated_home, capsys):
     (isolated_home / "report").write_text("not a folder")
     with pytest.raises(CrowdError):
         report.build_report(isolated_home / "report")
-    assert report.main([]) == 1
+    assert cli.main(["report"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
 

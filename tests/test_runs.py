@@ -17,18 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.tools import recipes
-from helpers.tools import runs
-from helpers import train as train_mod
-from helpers.tools.checkpoints import load_model, save_checkpoint
 from helpers.data import DataSource
 from helpers.errors import CheckpointError, CrowdError
-from helpers.tools.fileio import write_json_atomic, write_text_atomic
 from helpers.metrics import find_peaks
 from helpers.models import build_model
 from helpers.predict import count
+from helpers.tools import cli, recipes, runs
+from helpers.tools import trainer as train_mod
+from helpers.tools.checkpoints import load_model, save_checkpoint
+from helpers.tools.fileio import write_json_atomic, write_text_atomic
 from helpers.tools.synth import MANIFEST_NAME, write_points_mat
-from helpers.train import TrainConfig, history_csv
+from helpers.tools.trainer import TrainConfig, history_csv
 
 HEADS_PER_IMAGE = 7  # every image of the tiny set has this many heads: the val mean is 7 exactly
 
@@ -291,8 +290,8 @@ def test_cli_lists_runs(home, tmp_path, tiny_root, capsys):
     root = tmp_path / "runs"
     fake_run(root / "b", [4.0], data_root=str(tiny_root))
     fake_run(root / "a", [6.0], data_root=str(tiny_root))
-    assert runs.main(["--root", str(root), "--json"]) == 0
+    assert cli.main(["runs", "--root", str(root), "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["name"] for d in lines] == ["b", "a"] and lines[0]["best_val_mae"] == 4.0
-    assert runs.main(["ensure", "--root", str(root), "--part", "Z"]) == 1
+    assert cli.main(["runs", "ensure", "--root", str(root), "--part", "Z"]) == 1
     assert capsys.readouterr().err.startswith("error: ")

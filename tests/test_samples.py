@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.data import ImageRecord, list_records, load_example, records_in_folder, take_evenly
+from helpers.data import ImageRecord, list_records, load_example, take_evenly
 from helpers.density import DensityParams, density_map, downsample_density
 from helpers.models import IMAGENET_MEAN, IMAGENET_STD
 from helpers.samples import CrowdDataset, resample_density, sample_rng
+from helpers.tools.folders import records_in_folder
 from helpers.tools.loading import ResumableSampler, make_loader
 
 STRIDE = 8

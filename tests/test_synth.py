@@ -14,8 +14,8 @@ import scipy.io
 from PIL import Image
 
 from helpers import data
-from helpers.tools import synth
-from helpers.errors import CrowdError
+from helpers.errors import CrowdError, DatasetNotFoundError
+from helpers.tools import cli, synth
 
 SMALL = {"part_A/train": 8, "part_A/test": 2, "part_B/train": 3, "part_B/test": 2}
 
@@ -217,13 +217,28 @@ def test_full_set_layout_and_reader(full_root):
     assert counts == manifest["counts"]["part_B/test"]["per_image"]
 
 
-def test_resolve_data_source_uses_the_synthetic_set(full_home, monkeypatch):
+def test_resolve_data_source_uses_the_synthetic_set(full_home, monkeypatch, capsys):
     monkeypatch.setenv("CROWD_HOME", str(full_home))
     monkeypatch.delenv("CROWD_DATA", raising=False)
     before = _mtimes(full_home / "data" / "synthetic")
     source = data.resolve_data_source()
-    assert source.synthetic and source.root == (full_home / "data" / "synthetic").absolute()
+    assert source.synthetic and source.ready
+    assert "SYNTHETIC" in synth.banner(source) and str(source.root) in synth.banner(source)
+    assert source.root == (full_home / "data" / "synthetic").absolute()
+    assert synth.ensure_dataset() == source  # the notebooks' one call: complete, so untouched
+    assert cli.main(["where"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "root": str(source.root), "synthetic": True, "origin": "synthetic"}
     assert _mtimes(full_home / "data" / "synthetic") == before
+
+
+def test_without_a_dataset_the_core_says_how_to_get_one(isolated_home):
+    source = data.resolve_data_source()  # the core never generates anything
+    assert source.synthetic and not source.ready and not source.root.exists()
+    with pytest.raises(DatasetNotFoundError, match="crowd synth"):
+        data.list_records("B", "train")
+    with pytest.raises(DatasetNotFoundError, match="CROWD_DATA"):
+        data.resolve_data_source(allow_synthetic=False)
 
 
 # ------------------------------------------------------------------------- determinism
@@ -324,7 +339,7 @@ def test_concurrent_calls_generate_once(tmp_path, monkeypatch):
 
 def test_cli_prints_root_and_counts(full_root, capsys):
     before = _mtimes(full_root)
-    assert synth.main(["--root", str(full_root), "--json"]) == 0
+    assert cli.main(["synth", "--root", str(full_root), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert Path(out["root"]) == full_root.absolute() and out["seed"] == 0
     manifest = synth.read_manifest(full_root)
@@ -333,13 +348,13 @@ def test_cli_prints_root_and_counts(full_root, capsys):
         assert value["heads"] == sum(manifest["counts"][key]["per_image"])
     assert _mtimes(full_root) == before
 
-    assert synth.main(["--root", str(full_root)]) == 0
+    assert cli.main(["synth", "--root", str(full_root)]) == 0
     text = capsys.readouterr().out
     assert f"root: {full_root.absolute()}" in text and "part_A/train: 60 images" in text
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert synth.main(["--root", str(tmp_path)]) == 1
+    assert cli.main(["synth", "--root", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1

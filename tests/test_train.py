@@ -20,11 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import train as train_mod
-from helpers.tools.checkpoints import load_checkpoint, load_model, save_checkpoint
+from helpers import train as core
 from helpers.errors import CheckpointError, CrowdError
 from helpers.models import build_model
-from helpers.train import TrainConfig, read_history, train
+from helpers.tools import cli
+from helpers.tools import trainer as train_mod
+from helpers.tools.checkpoints import load_checkpoint, load_model, save_checkpoint
+from helpers.tools.trainer import TrainConfig, read_history, train
 
 N_IMAGES = 12  # fit 11 (6 batches of 2), val 1
 TINY = ["--model-arg", "width=8", "--batch-size", "2", "--crop", "64", "--device", "cpu"]
@@ -47,7 +49,7 @@ def env(tiny_root, tmp_path, monkeypatch) -> dict[str, str]:
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)
-    for key in ("CROWD_QUICK", "CROWD_DEVICE", "CROWD_TRAIN_STEP_DELAY", "CROWD_TRAIN_SAVE_RANKS"):
+    for key in ("CROWD_QUICK", "CROWD_DEVICE"):
         monkeypatch.delenv(key, raising=False)
     full = {k: v for k, v in os.environ.items() if not k.startswith("CROWD_")}
     full.update(values)
@@ -59,9 +61,14 @@ def env(tiny_root, tmp_path, monkeypatch) -> dict[str, str]:
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _cli(args, env, **kwargs) -> subprocess.Popen:
+DRIVER = Path(__file__).with_name("train_driver.py")  # crowd train with test-side hooks
+
+
+def _cli(args, env, hooks: dict | None = None, **kwargs) -> subprocess.Popen:
+    """``python -m helpers train ARGS``; with ``hooks`` through tests/train_driver.py."""
+    start = [str(DRIVER), json.dumps(hooks)] if hooks else ["-m", "helpers", "train"]
     return subprocess.Popen(
-        [sys.executable, "-m", "helpers.train", *args],
+        [sys.executable, *start, *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
     )
 
@@ -98,8 +105,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(env, tmp_path):
             "--gray-prob", "0.3", "--workers", "1", "--scheduler", "cosine"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = _cli([*args, "--out", str(ref_dir)], env)
-    slow_env = dict(env, CROWD_TRAIN_STEP_DELAY="0.25")  # time for the test to act mid-epoch
-    run = _cli([*args, "--out", str(run_dir)], slow_env)
+    # a slow run: time for the test to act mid-epoch
+    run = _cli([*args, "--out", str(run_dir)], env, hooks={"step_delay": 0.25})
     seen = None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and run.poll() is None:
@@ -194,9 +201,9 @@ def test_history_config_and_best_checkpoint(env, tmp_path):
     model, info = load_model(out / "best.pt", device="cpu", expect_model="heatmap_cnn")
     assert info.scale == 100.0 and info.model_kwargs == {"width": 8}
     val = CrowdDataset(list_records("B", "val"), "eval")
-    metrics = train_mod.evaluate_counts(model, val, info.scale, "cpu")
+    metrics = core.evaluate_counts(model, val, scale=info.scale, device="cpu")
     assert metrics["mae"] == pytest.approx(min(maes), rel=1e-5)
-    assert metrics["true"].tolist() == [float(val.true_count(0))]
+    assert metrics["true"] == [float(val.true_count(0))]
 
 
 def test_ema_update_matches_the_formula():
@@ -231,7 +238,7 @@ def test_ema_run_resumes_exactly_and_keeps_the_average_as_best(env, tmp_path):
 
     model, info = load_model(direct.best, device="cpu", expect_model="heatmap_cnn")
     val = CrowdDataset(list_records("B", "val"), "eval")
-    metrics = train_mod.evaluate_counts(model, val, info.scale, "cpu")
+    metrics = core.evaluate_counts(model, val, scale=info.scale, device="cpu")
     assert metrics["mae"] == pytest.approx(direct.best_val_mae, rel=1e-5)
     if direct.best_epoch == 3:
         _assert_same_tensors(load_checkpoint(direct.best)["model"], a["ema"])
@@ -289,7 +296,7 @@ def test_bn_recalibrated_run_resumes_exactly_and_saves_the_recalibrated_weights(
 
     model, info = load_model(direct.best, device="cpu", expect_model="heatmap_cnn")
     val = CrowdDataset(list_records("B", "val"), "eval")
-    metrics = train_mod.evaluate_counts(model, val, info.scale, "cpu")
+    metrics = core.evaluate_counts(model, val, scale=info.scale, device="cpu")
     assert metrics["mae"] == pytest.approx(direct.best_val_mae, rel=1e-5)
     with pytest.raises(CrowdError, match="bn-recalibrate"):
         train(_config(tmp_path / "bad", epochs=1, bn_recalibrate=-1))
@@ -331,10 +338,10 @@ def test_quick_mode_uses_small_subsets(env, monkeypatch, tmp_path):
 
 
 def test_cli_bad_input_prints_error(env, tmp_path, capsys):
-    code = train_mod.main(["--crop", "30", "--out", str(tmp_path / "x"), "--epochs", "1"])
+    code = cli.main(["train", "--crop", "30", "--out", str(tmp_path / "x"), "--epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error: --crop must be")
-    code = train_mod.main(["--model", "resnet", "--out", str(tmp_path / "x")])
+    code = cli.main(["train", "--model", "resnet", "--out", str(tmp_path / "x")])
     assert code == 1 and "error: --model must be one of" in capsys.readouterr().err
 
 
@@ -352,7 +359,7 @@ def test_absurd_learning_rate_stops_with_crowd_error(env, tmp_path):
 
 
 def test_injected_nan_stops_and_keeps_last_good_checkpoint(env, tmp_path, monkeypatch):
-    real = train_mod.density_loss
+    real = core.density_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -360,7 +367,7 @@ def test_injected_nan_stops_and_keeps_last_good_checkpoint(env, tmp_path, monkey
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_mod, "density_loss", poisoned)
+    monkeypatch.setattr(core, "density_loss", poisoned)  # what train_step calls
     with pytest.raises(CrowdError, match=r"loss became nan at step 3.*--lr"):
         train(_config(tmp_path / "inj", epochs=1, checkpoint_every=1))
     ckpt = load_checkpoint(tmp_path / "inj" / "last.pt")
@@ -426,7 +433,7 @@ def test_checkpoint_of_the_other_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="has shape"):
         load_model(tmp_path / "wide.pt", device="cpu")
     save_checkpoint(tmp_path / "plain.pt", {"weights": torch.ones(1)})
-    with pytest.raises(CheckpointError, match="not a checkpoint written by helpers.train"):
+    with pytest.raises(CheckpointError, match="not a checkpoint written by crowd train"):
         load_model(tmp_path / "plain.pt", device="cpu")
 
 
@@ -442,10 +449,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_ddp_gloo_ranks_agree(env, tmp_path):
     out = tmp_path / "ddp"
-    ddp_env = dict(env, CROWD_TRAIN_SAVE_RANKS="1", MASTER_ADDR="127.0.0.1")
+    ddp_env = dict(env, MASTER_ADDR="127.0.0.1")
+    # torchrun runs `python -m helpers train` through the driver, which saves each rank's weights
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "helpers.train", *TINY, "--epochs", "2",
-           "--workers", "0", "--out", str(out)]
+           f"--master_port={_free_port()}", str(DRIVER), json.dumps({"save_ranks": True}),
+           *TINY, "--epochs", "2", "--workers", "0", "--out", str(out)]
     proc = subprocess.run(cmd, env=ddp_env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("epoch 2/2") == 1, "only rank 0 logs"

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from helpers.models import CSRNet, receptive_field, stacked_taps
+from helpers.analysis.diagnostics import stacked_taps
+from helpers.models import CSRNet, receptive_field
 from helpers.viz import csrnet as viz
 
 

@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from helpers import density as dens  # noqa: E402
+from helpers.analysis import ground_truth  # noqa: E402
 from helpers.viz import density as vd  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def test_density_comparison(figures, scene):
 def test_sigma_vs_density(figures, scene):
     image, points, _ = scene
     params = dens.DensityParams()
-    geo = dens.local_geometry(points, params)
+    geo = ground_truth.local_geometry(points, params)
     rows = {"one": points[:, 1] / image.shape[0]}
     fig = vd.sigma_vs_density({"one": geo, "two": geo}, rows, fixed_sigma=15.0, name="02_t_sigma")
     assert len(fig.axes) == 2 + 1  # one colour bar, for the panel with row fractions
@@ -128,7 +129,7 @@ def test_downsampling(figures, shape):
     points = np.array([[5.0, 5.0], [30.5, 10.2], [60.0, 15.0]])
     full = dens.density_map(points, shape, dens.DensityParams("fixed", sigma=2.0))
     pooled = dens.downsample_density(full, 8)
-    resized = dens.resize_density_cv2(full, 8)
+    resized = ground_truth.resize_density_cv2(full, 8)
     fig = vd.downsampling(full, pooled, 8, resized, count=3, name="02_t_down")
     assert len(fig.axes) == 3 + 3
     t = titles(fig)

@@ -13,7 +13,8 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from helpers.analysis import diagnostics as insp  # noqa: E402
-from helpers.models import HeatmapCNN, effective_kernel, receptive_field, stacked_taps  # noqa: E402
+from helpers.analysis.diagnostics import effective_kernel, stacked_taps  # noqa: E402
+from helpers.models import HeatmapCNN, receptive_field  # noqa: E402
 from helpers.viz import models as vm  # noqa: E402
 
 

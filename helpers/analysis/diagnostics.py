@@ -13,27 +13,19 @@
 
 Shapes follow PyTorch: ``(B, C, H, W)``. Densities returned here are in people per output cell
 (the network's output divided by the training ``scale``).
-
-Command line::
-
-    python -m helpers.analysis.diagnostics [--model heatmap_cnn] [--size H W] [--batch B]
-
-prints the layer table of a freshly built model.
+* :func:`format_receptive_field`, :func:`effective_kernel` and :func:`stacked_taps` print the
+  receptive field of a model and show which input pixels (stacks of) dilated kernels touch.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from helpers.errors import CrowdError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -210,42 +202,30 @@ def overfit_batch(
     """Train ``model`` on one fixed batch for ``steps`` Adam steps; returns the loss of each step.
 
     ``images`` ``(B, 3, H, W)`` normalised, ``targets`` ``(B, 1, H/8, W/8)`` in people per output
-    cell (as :class:`helpers.samples.CrowdDataset` makes them). The loss is the training loss of
-    :mod:`helpers.train`: the mean squared error between the model's ``loss_output`` (or its
-    output) and ``scale x targets``. The model is left in training mode with the fitted weights.
+    cell (as :class:`helpers.samples.CrowdDataset` makes them). Each step is
+    :func:`helpers.train.train_step`: the mean squared error between the model's ``loss_output``
+    (or its output) and ``scale x targets``, then one Adam update. The model is left in training mode with the fitted weights.
     Entry ``i`` of the list is the loss *before* update ``i``, so ``losses[0]`` is the loss of
     the untrained model.
     """
     import torch
     from tqdm.auto import tqdm
 
-    from helpers.train import density_loss
+    from helpers.train import train_step
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     device = next(model.parameters()).device
-    x = images.to(device)
-    y = targets.to(device) * float(scale)
-    forward = getattr(model, "loss_output", model)
+    x, y = images.to(device), targets.to(device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="overfit one batch", unit="step", disable=not progress, leave=False)
     for _ in bar:
-        pred = forward(x)
-        if pred.shape != y.shape:
-            raise CrowdError(f"model output {tuple(pred.shape)} does not match the targets {tuple(y.shape)}")
-        loss = density_loss(pred, y)
-        value = float(loss.item())
-        if not np.isfinite(value):
-            raise CrowdError(f"the loss became {value} after {len(losses)} steps: lower the learning rate")
-        losses.append(value)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{value:.4g}")
+        losses.append(train_step(model, x, y, optimizer, scale=float(scale)))
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
     return losses
 
 
@@ -351,31 +331,38 @@ def predict_samples(
     return out
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- dilated kernels
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m helpers.analysis.diagnostics",
-        description="Print every layer's output shape, parameters and MACs for a random batch.",
-    )
-    parser.add_argument("--model", default="heatmap_cnn", help="heatmap_cnn (default) or csrnet")
-    parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
-    parser.add_argument("--batch", type=int, default=1)
-    args = parser.parse_args(argv)
-    try:
-        from helpers.models import build_model
-
-        if min(args.size) < 8 or args.batch < 1:
-            raise CrowdError(f"--size must be at least 8 x 8 and --batch >= 1, got {args.size}, {args.batch}")
-        kwargs = {"pretrained": False} if args.model.strip().lower() == "csrnet" else {}
-        model = build_model(args.model, **kwargs)
-        print(format_layer_shapes(layer_shapes(model, (args.batch, 3, *args.size))))
-    except (CrowdError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+def format_receptive_field(rows: Sequence[Any]) -> str:
+    """A plain-text table of :func:`helpers.models.receptive_field` rows."""
+    lines = [f"{'layer':<22}{'kind':<9}{'k':>3}{'s':>3}{'d':>3}{'jump':>6}{'RF':>6}"]
+    for r in rows:
+        lines.append(
+            f"{r.name:<22}{r.kind:<9}{r.kernel:>3}{r.stride:>3}{r.dilation:>3}{r.jump:>6}{r.rf:>6}"
+        )
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def effective_kernel(kernel_size: int, dilation: int) -> np.ndarray:
+    """0/1 mask ``(k_eff, k_eff)`` int64 of the input taps a dilated ``k x k`` kernel touches."""
+    if kernel_size < 1 or dilation < 1:
+        raise ValueError("kernel_size and dilation must be >= 1")
+    k_eff = dilation * (kernel_size - 1) + 1
+    line = np.zeros(k_eff, dtype=np.int64)
+    line[::dilation] = 1
+    return np.outer(line, line)
+
+
+def stacked_taps(dilations: Sequence[int], kernel: int = 3) -> np.ndarray:
+    """How many paths connect each input pixel to one output of a stack of dilated convs.
+
+    Returns an int64 array ``(R, R)`` with ``R = 1 + sum(d_i (kernel - 1))``, the full 2-D
+    convolution of the layers' :func:`effective_kernel` masks. Zeros inside the square are input
+    pixels the output never sees: dilations ``(2, 2, 2)`` touch only every other pixel
+    (gridding), ``(1, 2, 3)`` touch them all.
+    """
+    line = np.ones(1, dtype=np.int64)
+    for d in dilations:
+        line = np.convolve(line, effective_kernel(kernel, int(d))[0])
+    return np.outer(line, line)

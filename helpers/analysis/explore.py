@@ -7,7 +7,7 @@ whole ShanghaiTech pass takes seconds: no JPEG is decoded.
   nearest-neighbour distance, what the point policy did);
 * :func:`summarize_counts` -- n / total / min / median / mean / max of the counts per part and split;
 * :func:`declared_count` -- the count a ShanghaiTech ``.mat`` file states itself (an independent check);
-* :func:`knn_distances` -- each head's mean distance to its ``k`` nearest heads (pixels), the
+* :func:`mean_knn_distance` -- each head's mean distance to its ``k`` nearest heads (pixels), the
   quantity the geometry-adaptive Gaussian kernel uses for its width;
 * :func:`nn_distance_by_row` -- that distance binned by normalised image row ``y / H``, with a
   least-squares line: how perspective makes heads larger towards the bottom of the picture.
@@ -69,7 +69,7 @@ def declared_count(points_path: str | Path) -> int | None:
     except Exception as exc:  # scipy raises many types on broken files
         raise AnnotationError(
             f"{path} could not be read as a .mat file ({type(exc).__name__}: {exc}); it is probably "
-            "truncated. Download it again (python -m helpers.data verify finds every bad file)."
+            "truncated. Download it again (crowd verify finds every bad file)."
         ) from exc
     try:
         info = mat["image_info"][0, 0][0, 0]
@@ -78,7 +78,7 @@ def declared_count(points_path: str | Path) -> int | None:
         return None
 
 
-def knn_distances(points: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+def mean_knn_distance(points: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """Mean Euclidean distance from each point to its ``k`` nearest *other* points.
 
     ``points`` is ``(N, 2)`` ``(x, y)`` in pixels; returns ``(N,)`` float64 pixels. With
@@ -110,7 +110,7 @@ class ImageStats:
     width: int  # pixels
     count: int  # heads kept by the point policy (the ground-truth count)
     grayscale: bool  # the file stores one grey channel
-    mean_nn: float  # mean over heads of knn_distances (pixels); NaN with fewer than 2 heads
+    mean_nn: float  # mean over heads of mean_knn_distance (pixels); NaN with fewer than 2 heads
     n_raw: int  # points in the annotation file
     n_kept: int
     non_finite: int  # dropped
@@ -160,7 +160,7 @@ def image_stats(
         height, width = data.image_size(record.image_path)
         raw = data.read_points(record.points_path)
         points, report = data.clean_points(raw, (height, width), policy)
-        nn = knn_distances(points, k)
+        nn = mean_knn_distance(points, k)
         mean_nn = float(np.nanmean(nn)) if len(points) > 1 else float("nan")
         rows.append(
             ImageStats(
@@ -276,7 +276,7 @@ def nn_distances_and_rows(
         points, _ = data.clean_points(data.read_points(record.points_path), (height, width))
         if len(points) < 2:
             continue
-        dists.append(knn_distances(points, k))
+        dists.append(mean_knn_distance(points, k))
         rows.append(points[:, 1] / height)
     if not dists:
         return np.zeros(0), np.zeros(0)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
 def markdown_table(rows: dict[str, dict], columns: Sequence[str] | None = None, digits: int = 1) -> str:
     """A Markdown table from ``{row_name: {column: value}}`` (as :func:`summarize_counts` gives)."""
     if not rows:

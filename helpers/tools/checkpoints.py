@@ -10,7 +10,7 @@ plain Python data (dicts, lists, numbers, strings), so a file containing pickled
 That is why the training loop stores everything (random-number-generator states included) as
 tensors and plain types.
 
-The training loop (:mod:`helpers.train`) writes these keys; :func:`load_model` needs the first
+The training loop (:mod:`helpers.tools.trainer`) writes these keys; :func:`load_model` needs the first
 three::
 
     model         state dict of the network (without a DistributedDataParallel "module." prefix)
@@ -70,7 +70,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
-            f"Checkpoint {path} does not exist. Train a model first (python -m helpers.train "
+            f"Checkpoint {path} does not exist. Train a model first (crowd train "
             "--out ...), or check the path (a run folder holds last.pt and best.pt)."
         )
     try:
@@ -80,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         raise CheckpointError(
             f"Refusing to load {path}: it contains pickled Python objects that are not tensors "
             f"or plain data ({first}). Unpickling such a file could run arbitrary code. Use only "
-            "checkpoints written by helpers.train, or re-save the weights as a plain state dict "
+            "checkpoints written by crowd train, or re-save the weights as a plain state dict "
             "from a source you trust."
         ) from exc
     except Exception as exc:  # zip/EOF/format errors: torch raises several types
@@ -92,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a checkpoint dict; it was not written by "
-            "helpers.train. Use a checkpoint from a run folder (best.pt or last.pt)."
+            "crowd train. Use a checkpoint from a run folder (best.pt or last.pt)."
         )
     return obj
 
@@ -193,7 +193,7 @@ def load_model(
     :func:`helpers.config.pick_device`.
 
     Raises :class:`CheckpointError` for unreadable files, checkpoints not written by
-    :mod:`helpers.train`, and weights that do not fit the named model (saying which keys).
+    :mod:`helpers.tools.trainer`, and weights that do not fit the named model (saying which keys).
     """
     import torch
 
@@ -205,7 +205,7 @@ def load_model(
     for key in ("model", "model_name"):
         if key not in ckpt:
             raise CheckpointError(
-                f"{path} has no {key!r} entry: it is not a checkpoint written by helpers.train "
+                f"{path} has no {key!r} entry: it is not a checkpoint written by crowd train "
                 f"(keys found: {_describe(sorted(map(str, ckpt)))}). Use a checkpoint from a run "
                 "folder (best.pt or last.pt)."
             )
@@ -213,7 +213,7 @@ def load_model(
     if name not in MODEL_NAMES:
         raise CheckpointError(
             f"{path} names an unknown model {name!r}; known: {', '.join(MODEL_NAMES)}. Use a "
-            "checkpoint written by helpers.train."
+            "checkpoint written by crowd train."
         )
     if expect_model is not None and name != expect_model:
         raise CheckpointError(
@@ -226,13 +226,13 @@ def load_model(
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: cannot build {name} with {kwargs} ({exc}). Use a checkpoint written by "
-            "this version of helpers.train."
+            "this version of crowd train."
         ) from exc
     state = ckpt["model"]
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path}: the 'model' entry is a {type(state).__name__}, not a state dict. Use a "
-            "checkpoint written by helpers.train."
+            "checkpoint written by crowd train."
         )
     state = strip_prefix(state)
     check_state_dict(model, state, str(path), name)

@@ -19,7 +19,7 @@ false alarms ``fp_r`` and missed heads ``fn_r`` (:func:`helpers.metrics.match_po
 
 Over the split (the summary): MAE, RMSE, mean relative error and bias
 (:func:`helpers.metrics.counting_summary`), the mean GAME(L) over images, precision / recall / F1
-at each radius summed over all heads (:class:`helpers.metrics.LocalizationAccumulator`) and their
+at each radius summed over all heads (:class:`LocalizationAccumulator`) and their
 mean over the radii, and the MAE in each crowd-size bucket.
 
 **"MSE" in papers is our RMSE.** Crowd-counting papers print a column called MSE that holds
@@ -32,9 +32,9 @@ images; ``on_image`` sees every image once.
 
 Command line::
 
-    python -m helpers.tools.evaluate --checkpoint runs/NAME/best.pt --part B [--split test] [--limit N]
+    crowd evaluate --checkpoint runs/NAME/best.pt --part B [--split test] [--limit N]
         [--csv PATH] [--device D] [--threshold T]
-    python -m helpers.tools.evaluate --baseline mean|hog --part B [--split test] [--limit N] [--csv PATH]
+    crowd evaluate --baseline mean|hog --part B [--split test] [--limit N] [--csv PATH]
 
 prints one JSON object (the summary, with the CSV and JSON paths) and writes the per-image CSV
 (default ``<run folder>/eval_<part>_<split>.csv`` next to the checkpoint, ``runs/baselines/...``
@@ -62,6 +62,7 @@ import numpy as np
 
 from helpers import config
 from helpers.errors import CrowdError
+from helpers.metrics import METHODS, Matching, match_points, scores_from_counts
 
 #: Matching radii (image pixels) for localization scores.
 DEFAULT_RADII = (4, 8, 16)
@@ -266,6 +267,40 @@ def _score_image(name: str, true_points: np.ndarray, shape: tuple[int, int], cou
     return row
 
 
+class LocalizationAccumulator:
+    """Dataset-level localization: tp, fp, fn summed over images, then precision, recall, F1.
+
+    The micro-average: every head weighs the same, so a crowded image counts more than a sparse
+    one. ``acc = LocalizationAccumulator((4, 8, 16)); acc.add(pred_points, true_points)`` per
+    image; ``acc.scores()`` gives ``{"precision", "recall", "f1"}`` (means over the radii),
+    ``"per_radius": {r: scores_from_counts(...)}`` and ``"images"``.
+    """
+
+    def __init__(self, radii: Iterable[float] = (4, 8, 16), method: str = "hungarian") -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.radii = tuple(float(r) for r in radii)
+        if not self.radii:
+            raise ValueError("need at least one radius")
+        self.method = method
+        self.images = 0
+        self.counts = {r: [0, 0, 0] for r in self.radii}
+
+    def add(self, pred, true) -> dict[float, Matching]:
+        """Match one image's points at every radius and add the counts; returns the matchings."""
+        out = {r: match_points(pred, true, r, method=self.method) for r in self.radii}
+        for r, m in out.items():
+            self.counts[r] = [self.counts[r][0] + m.tp, self.counts[r][1] + m.fp, self.counts[r][2] + m.fn]
+        self.images += 1
+        return out
+
+    def scores(self) -> dict:
+        """Micro-averaged scores per radius, their means over radii, and ``images``."""
+        per = {r: scores_from_counts(*self.counts[r]) for r in self.radii}
+        means = {k: float(np.mean([s[k] for s in per.values()])) for k in ("precision", "recall", "f1")}
+        return {**means, "per_radius": per, "images": self.images}
+
+
 def evaluate_predictor(
     predictor: Predictor,
     records: Sequence,
@@ -290,7 +325,6 @@ def evaluate_predictor(
     from tqdm.auto import tqdm
 
     from helpers.data import load_example
-    from helpers.metrics import LocalizationAccumulator
 
     radii = tuple(float(r) for r in radii)
     if not radii:
@@ -332,7 +366,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], radii: Iterable[float] = DEFAUL
     are recomputed from the rows' ``tp_r/fp_r/fn_r`` columns (the same sums). Missing values
     (NaN GAME, empty match counts) leave those metrics as None.
     """
-    from helpers.metrics import counting_summary, scores_from_counts
+    from helpers.metrics import counting_summary
 
     radii = tuple(float(r) for r in radii)
     pred = np.array([float(r["pred_count"]) for r in rows], dtype=np.float64)
@@ -445,21 +479,10 @@ class CheckpointPredictor:
 
     def __call__(self, image: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         from helpers.predict import count
-        from helpers.samples import resample_density, resize_image, scaled_shape
 
-        h, w = image.shape[:2]
-        small = image
-        if self.resize != 1.0:
-            small = resize_image(image, scaled_shape((h, w), self.resize))
-        pred = count(small, self.model, scale=self.info.scale, device=self.device,
-                     threshold=self.threshold)
-        density = pred.density
-        points = np.asarray(pred.points, dtype=np.float64).reshape(-1, 2).copy()
-        if small.shape[:2] != (h, w):
-            density = resample_density(density, (h, w))
-            points[:, 0] *= w / small.shape[1]
-            points[:, 1] *= h / small.shape[0]
-        return pred.count, density, points
+        pred = count(image, self.model, scale=self.info.scale, input_scale=self.resize,
+                     device=self.device, threshold=self.threshold)
+        return pred.count, pred.density, np.asarray(pred.points, dtype=np.float64).reshape(-1, 2)
 
 
 def evaluate_checkpoint(
@@ -544,7 +567,7 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows written by :func:`write_csv`: numbers as int/float, empty cells as None."""
     path = Path(path)
     if not path.is_file():
-        raise CrowdError(f"Evaluation file {path} does not exist; run python -m helpers.tools.evaluate first.")
+        raise CrowdError(f"Evaluation file {path} does not exist; run crowd evaluate first.")
     out = []
     with path.open(newline="", encoding="utf-8") as fh:
         for raw in csv.DictReader(fh):
@@ -661,14 +684,6 @@ def write_results(results: Mapping[str, Any], report_dir: str | Path | None = No
 # --------------------------------------------------------------------------- command line
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one ``error: ...`` line and exit status 1."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} (see python -m helpers.tools.evaluate --help)", file=sys.stderr)
-        sys.exit(1)
-
-
 def default_csv_path(part: str, split: str, n_used: int, n_split: int, *,
                      checkpoint: str | Path | None = None, baseline: str | None = None) -> Path:
     """``<run>/eval_<part>_<split>.csv`` (checkpoint) or ``runs/baselines/<name>_<part>_<split>.csv``.
@@ -681,16 +696,15 @@ def default_csv_path(part: str, split: str, n_used: int, n_split: int, *,
     return config.runs_root() / "baselines" / f"{baseline}_{part}_{split}{suffix}.csv"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m helpers.tools.evaluate",
-        description="Score a trained checkpoint or a baseline on a dataset split. Prints one JSON "
-        "object with MAE, RMSE, GAME(0-3), precision/recall/F1 at each matching radius and the MAE "
-        "per crowd-size bucket, and writes a per-image CSV and the JSON summary next to it. Note: "
-        "crowd-counting papers call the RMSE 'MSE' (it is the root of the mean squared error).",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``crowd evaluate``: score a trained checkpoint or a baseline on a split.
+
+    Prints one JSON object with MAE, RMSE, GAME(0-3), precision/recall/F1 at each matching radius
+    and the MAE per crowd-size bucket, and writes a per-image CSV and the JSON summary next to it.
+    Crowd-counting papers call the RMSE 'MSE' (it is the root of the mean squared error).
+    """
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="a checkpoint written by helpers.train (best.pt / last.pt)")
+    what.add_argument("--checkpoint", help="a checkpoint written by crowd train (best.pt / last.pt)")
     what.add_argument("--baseline", choices=["mean", "hog"],
                       help="mean: the mean count of the fit split for every image; hog: OpenCV's "
                       "HOG pedestrian detector")
@@ -708,7 +722,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "the round(count) strongest maxima)")
     p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
                    help="matching radii in pixels (default 4 8 16)")
-    return p
 
 
 def _baseline(kind: str, part: str, root: str | None):
@@ -725,8 +738,8 @@ def _baseline(kind: str, part: str, root: str | None):
     return detector, "HOG people detector", {"baseline": "hog", **detector.settings()}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``crowd evaluate``: score, write the CSV and JSON summary, print the summary as JSON."""
     progress = sys.stderr.isatty()
     try:
         from helpers.data import list_records
@@ -748,14 +761,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             baseline=args.baseline)
         write_csv(result, csv_path)
         json_path = write_summary(result, csv_path.with_suffix(".json"))
-    except (CrowdError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:
+        raise CrowdError(str(exc)) from exc
     out = jsonable(result.summary)
     out.update({"csv": str(csv_path), "json": str(json_path)})
     print(json.dumps(out))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,19 +20,22 @@ several times cheaper without retraining:
 
 :func:`prepare_fast_cpu` applies what helps on this processor: folding and ``channels_last``
 always, int8 when the processor has fast int8 (:func:`has_fast_int8`) and calibration images are
-given. ``helpers.predict.count(..., fast=True)`` uses it on CPU. It is worth it when counting many
+given. ``helpers.tools.inference.count_image(..., fast=True)`` uses it on CPU. It is worth it when counting many
 images or large photos on a CPU: ``benchmarks/inference.py`` measures the speed-up and the count
-difference (on a 2-core AVX-512 VNNI machine: CSRNet about 7x faster, counts within a fraction of
+difference (on a 2-core AVX-512 VNNI machine: CSRNet about 5x faster, counts within a fraction of
 a percent; HeatmapCNN, already small, gains less). ``torch.compile`` was tried and not used: on
 such a CPU it compiled for minutes and gave no speed-up over the quantized model.
 
-The quantized model runs on CPU only (the ``x86`` engine of ``torch.ao.quantization``).
+The quantized model runs on CPU only (the ``x86`` engine of ``torch.ao.quantization``). That API
+is deprecated: if it is missing or fails in a later torch, :func:`prepare_fast_cpu` prints one
+line and returns the float32 model (folded, ``channels_last``) instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -43,17 +46,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers.errors import CrowdError
+from helpers.errors import CrowdError, one_line
 
 #: Quantization engine used on x86 processors (oneDNN/FBGEMM kernels).
 ENGINE = "x86"
+#: What a missing or changed ``torch.ao.quantization`` raises; int8 then falls back to float32.
+INT8_FAILURES = (ImportError, AttributeError, RuntimeError, NotImplementedError, TypeError, CrowdError)
 #: CPU flags that mean fast 8-bit dot products.
 FAST_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
 
 
 def has_fast_int8() -> bool:
     """Whether this processor runs int8 convolutions fast (VNNI or AMX) and torch can use them."""
-    if ENGINE not in torch.backends.quantized.supported_engines:
+    quantized = getattr(torch.backends, "quantized", None)
+    if quantized is None or ENGINE not in getattr(quantized, "supported_engines", ()):
         return False
     try:
         text = Path("/proc/cpuinfo").read_text(errors="ignore")
@@ -193,7 +199,7 @@ def quantize_int8(module: nn.Module, calibration: Iterable[torch.Tensor],
     default ``x86`` configuration). The 1 x 1 output layer and the final activation stay float32.
     ``module`` is not changed. Raises :class:`CrowdError` when the engine is not available.
     """
-    from torch.ao import quantization as tq
+    import torch.ao.quantization as tq
 
     if engine not in torch.backends.quantized.supported_engines:
         raise CrowdError(
@@ -266,7 +272,8 @@ def prepare_fast_cpu(module: nn.Module, calibration: Iterable[torch.Tensor] | No
 
     BatchNorm folded (:func:`fold_batchnorm`); then int8 (:func:`quantize_int8`) if ``int8`` is
     True, or None and :func:`has_fast_int8` and ``calibration`` images are given; otherwise the
-    float32 model in ``channels_last`` memory format. The result has an attribute ``fast_kind``:
+    float32 model in ``channels_last`` memory format, also when quantization fails (one line is
+    printed to stderr: :data:`INT8_FAILURES`). The result has an attribute ``fast_kind``:
     ``"int8"`` or ``"float32"``. ``module`` is not changed.
     """
     folded = fold_batchnorm(module).cpu()
@@ -274,9 +281,13 @@ def prepare_fast_cpu(module: nn.Module, calibration: Iterable[torch.Tensor] | No
     if use_int8:
         if calibration is None:
             raise ValueError("int8 needs calibration images")
-        fast: Any = quantize_int8(folded, calibration)
-        fast.fast_kind = "int8"
-    else:
-        fast = folded.to(memory_format=torch.channels_last)
-        fast.fast_kind = "float32"
+        try:
+            fast: Any = quantize_int8(folded, calibration)
+            fast.fast_kind = "int8"
+            return fast.eval()
+        except INT8_FAILURES as exc:  # torch.ao.quantization is deprecated: missing or changed
+            print(f"int8 quantization failed ({one_line(exc)}); "
+                  "counting in float32 instead.", file=sys.stderr, flush=True)
+    fast = folded.to(memory_format=torch.channels_last)
+    fast.fast_kind = "float32"
     return fast.eval()

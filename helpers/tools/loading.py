@@ -10,6 +10,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from helpers.samples import CrowdDataset
 
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler`` that also works in one process and can start mid-epoch.
 

@@ -1,6 +1,6 @@
 """Finding trained models, making sure one exists, and saying how far to trust it.
 
-A *run* is a folder written by :mod:`helpers.train` (``config.json``, ``history.csv``,
+A *run* is a folder written by :mod:`helpers.tools.trainer` (``config.json``, ``history.csv``,
 ``last.pt``, ``best.pt``). :func:`find_runs` lists every ``runs/<name>/best.pt`` (and one level
 deeper, ``runs/<group>/<name>/best.pt``) as a :class:`RunInfo`, best validation MAE first;
 :func:`describe_run` turns one into a paragraph for a student: which model, trained on what,
@@ -22,8 +22,8 @@ Also here, for counting your own photos: :func:`save_upload` (the bytes of an
 
 Command line::
 
-    python -m helpers.tools.runs [--root DIR] [--json]         # list the runs, best first
-    python -m helpers.tools.runs ensure [--model M] [--part P]  # print a checkpoint path, training if needed
+    crowd runs [--root DIR] [--json]         # list the runs, best first
+    crowd runs ensure [--model M] [--part P]  # print a checkpoint path, training if needed
 """
 
 from __future__ import annotations
@@ -35,17 +35,16 @@ import json
 import math
 import os
 import re
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from helpers.tools.fileio import file_lock
 from helpers import config as settings
 from helpers.errors import CheckpointError, CrowdError
+from helpers.tools.fileio import file_lock
 
 #: How :func:`data_kind` names the dataset a run was trained on.
 SYNTHETIC, SHANGHAITECH, UNKNOWN = "synthetic", "ShanghaiTech", "unknown"
@@ -217,7 +216,7 @@ def run_info(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
     if not path.is_file():
         raise CheckpointError(
             f"Checkpoint {path} does not exist. Give the path of a best.pt written by training "
-            "(notebooks 03/04 or python -m helpers.train), or a run folder that holds one."
+            "(notebooks 03/04 or crowd train), or a run folder that holds one."
         )
     folder = path.parent
     runs_root = Path(root).expanduser() if root is not None else settings.runs_root()
@@ -257,7 +256,7 @@ def run_info(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
             best_mae, best_epoch = ckpt_mae, _opt_int(meta.get("epoch"))
         epochs = max(epochs, _opt_int(meta.get("epoch")) or 0)  # a partial epoch counts
         if meta and "model" not in meta and "model_name" not in meta and error is None:
-            error = f"{path} is not a checkpoint written by helpers.train"
+            error = f"{path} is not a checkpoint written by crowd train"
     if error is None and not model_name:
         error = f"{path} does not say which model it holds"
     return RunInfo(
@@ -387,7 +386,7 @@ def ensure_checkpoint(model: str = "heatmap_cnn", part: str = "B", out: str | os
                     "out= folder, or delete that folder to train a new demo model there."
                 )
         from helpers.tools.recipes import recommended_config
-        from helpers.train import train
+        from helpers.tools.trainer import train
 
         cfg = recommended_config(model, part, out_dir, quick=True, data_root=str(source.root),
                                  resume=last.is_file())
@@ -628,32 +627,24 @@ def _as_json(run: RunInfo) -> dict[str, Any]:
             "demo": run.demo, "error": run.error}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m helpers.tools.runs",
-        description="List trained runs (best validation MAE first), or print a checkpoint for a "
-        "model and part, training a small demo model first if there is none.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``crowd runs``: list the trained runs (best validation MAE first), or print
+    a checkpoint for a model and part, training a small demo model first if there is none."""
     parser.add_argument("action", nargs="?", choices=["list", "ensure"], default="list")
     parser.add_argument("--root", default=None, help="runs folder (default: runs/ in the project)")
     parser.add_argument("--model", default="heatmap_cnn", help="ensure: heatmap_cnn or csrnet")
     parser.add_argument("--part", default="B", help="ensure: A or B")
     parser.add_argument("--json", action="store_true", help="list: one JSON object per line")
-    args = parser.parse_args(argv)
-    try:
-        if args.action == "ensure":
-            print(ensure_checkpoint(args.model, args.part, root=args.root))
-            return 0
-        runs = find_runs(args.root)
-    except CrowdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for run in runs:
-        print(json.dumps(_as_json(run)) if args.json else f"{run.label}  [{run.path}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``crowd runs``: one line (or JSON object) per run, or ``ensure``'s checkpoint path."""
+    if args.action == "ensure":
+        print(ensure_checkpoint(args.model, args.part, root=args.root))
+        return 0
+    runs = find_runs(args.root)
+    for found in runs:
+        print(json.dumps(_as_json(found)) if args.json else f"{found.label}  [{found.path}]")
     if not runs and not args.json:
         print(f"no runs with a best.pt under {args.root or settings.runs_root()}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ person is the centre of the drawn head, in the pixel convention of :mod:`helpers
 Every image has its own random stream (seed, part, split, index), so an image does not depend on
 how many others are generated. Command line::
 
-    python -m helpers.tools.synth [--root R] [--seed S] [--force] [--json]
+    crowd synth [--root R] [--seed S] [--force] [--json]
 """
 
 from __future__ import annotations
@@ -39,18 +39,17 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from helpers.tools.fileio import file_lock
-from helpers import config
+from helpers import config, data
 from helpers.errors import CrowdError
+from helpers.tools.fileio import file_lock
 
 #: Bump whenever the drawing or placement changes: an existing set with another version is rebuilt.
 GENERATOR_VERSION = 1
@@ -702,7 +701,7 @@ def ensure_synthetic(root: str | Path | None = None, seed: int = 0, *,
     except OSError as exc:
         raise CrowdError(
             f"Cannot create {parent} for the synthetic crowd set ({exc}). Pass another folder "
-            "(python -m helpers.tools.synth --root DIR) or set CROWD_HOME to a writable project folder."
+            "(crowd synth --root DIR) or set CROWD_HOME to a writable project folder."
         ) from exc
     try:
         with file_lock(parent / f".{root.name}.lock") as locked:
@@ -770,32 +769,55 @@ def summary(root: str | Path) -> dict:
             "counts": counts}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m helpers.tools.synth",
-        description="Generate the synthetic crowd set (ShanghaiTech layout) if it is not there yet.",
-    )
+def ensure_dataset(root: str | Path | None = None) -> data.DataSource:
+    """The dataset the series uses, with the synthetic set generated first when it is the one.
+
+    The one call for notebooks, the trainer and the commands: :func:`helpers.data.resolve_data_source`
+    (``root``, ``CROWD_DATA``, ``data/ShanghaiTech``, else the synthetic set), then
+    :func:`ensure_synthetic` when the answer is the synthetic set.
+    """
+    source = data.resolve_data_source(root)
+    if source.synthetic:
+        ensure_synthetic(source.root, progress=False)
+    return source
+
+
+def banner(source: data.DataSource) -> str:
+    """A Markdown banner for the top of a notebook saying which data is in use.
+
+    Inputs:
+    - source: DataSource from helpers.data.resolve_data_source or ensure_dataset
+    Returns:
+    - text: str, one Markdown paragraph
+    """
+    if source.synthetic:
+        return ("**Running on SYNTHETIC crowds** (no ShanghaiTech dataset was found). Everything works "
+                "and the numbers are real for this data, but they are not ShanghaiTech results. To use "
+                "the real dataset, download it as described in `data/README.md` and set "
+                "`CROWD_DATA=/path/to/ShanghaiTech` (the folder holding `part_A` and `part_B`) "
+                f"before starting Jupyter. Synthetic set: `{source.root}`.")
+    mode = "quick mode (`CROWD_QUICK=1`: small subsets)" if config.quick_mode() else "full mode"
+    return f"Using **ShanghaiTech** at `{source.root}` (from {source.origin}), {mode}."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options of ``crowd synth``."""
     parser.add_argument("--root", help="output folder (default: data/synthetic in the project)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--force", action="store_true", help="regenerate even if complete")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
-    try:
-        root = ensure_synthetic(args.root, args.seed, force=args.force, progress=not args.json)
-    except CrowdError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the set if needed and print its root and counts (plain lines or JSON)."""
+    root = ensure_synthetic(args.root, args.seed, force=args.force, progress=not args.json)
     info = summary(root)
     if args.json:
         print(json.dumps(info))
-    else:
-        print(f"root: {info['root']}")
-        print(f"seed: {info['seed']}")
-        for key, value in info["counts"].items():
-            print(f"{key}: {value['images']} images, {value['heads']} heads "
-                  f"(min {value['min']}, max {value['max']} per image)")
+        return 0
+    print(f"root: {info['root']}")
+    print(f"seed: {info['seed']}")
+    for key, value in info["counts"].items():
+        print(f"{key}: {value['images']} images, {value['heads']} heads "
+              f"(min {value['min']}, max {value['max']} per image)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
-
-
+from helpers.viz.common import add_colorbar, finish_figure, new_figure
 
 
 def input_paths_1d(layers: Sequence[Any]) -> np.ndarray:
@@ -109,7 +107,7 @@ def plot_pretrained_comparison(histories: Mapping[str, Any], name: str | None = 
     """Training loss (left) and validation MAE (right) per epoch for several runs.
 
     ``histories`` maps a label (e.g. ``"ImageNet frontend"``, ``"random init"``) to a run's
-    history rows (``result.history`` of :func:`helpers.train.train`, or the result itself).
+    history rows (``result.history`` of :func:`helpers.tools.trainer.train`, or the result itself).
     """
     if not histories:
         raise ValueError("plot_pretrained_comparison needs at least one history")

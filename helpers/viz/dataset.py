@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure
 
 SPLIT_COLORS = {"train": "tab:blue", "test": "tab:orange", "fit": "tab:green", "val": "tab:red"}
 PART_TITLES = {"A": "Part A (dense, internet images)", "B": "Part B (sparse, Shanghai streets)"}

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure
 from helpers.viz.dataset import draw_points
 
 DENSITY_CMAP = "inferno"

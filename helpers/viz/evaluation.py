@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure
 from helpers.viz.density import VMAX_QUANTILE, show_density
 
 TP_COLOUR = "#1a9641"  # matched: green
@@ -114,20 +114,24 @@ def error_panels(true_density: np.ndarray, pred_density: np.ndarray, *, block: i
 
 
 def points_figure(image: np.ndarray, pred_points: np.ndarray | None, true_points: np.ndarray, *,
-                  radius: float = 8.0, title: str | None = None, name: str | None = None):
+                  radius: float = 8.0, method: str = "hungarian", pairs: bool = False,
+                  title: str | None = None, name: str | None = None):
     """Predicted heads on the photo: matches, false alarms and misses in distinct colours.
 
-    Predictions are matched one-to-one to annotated heads within ``radius`` pixels
-    (:func:`helpers.metrics.match_points`). Green dots: matched predictions (true positives);
+    Predictions are matched to annotated heads within ``radius`` pixels
+    (:func:`helpers.metrics.match_points` with ``method``: "hungarian", one-to-one with the most
+    matches, or "greedy", nearest first). Green dots: matched predictions (true positives);
     red crosses: predictions with no head nearby (false alarms); orange rings: annotated heads
-    nobody predicted (misses). Precision, recall and F1 are in the title.
+    nobody predicted (misses). ``pairs=True`` (for small examples) also draws the matched heads
+    as green rings, each joined to its prediction by a line. Precision, recall and F1 are in the
+    title.
     """
     from helpers.metrics import match_points, scores_from_counts
 
     img = np.asarray(image)
     pred = np.zeros((0, 2)) if pred_points is None else np.asarray(pred_points, dtype=np.float64).reshape(-1, 2)
     true = np.asarray(true_points, dtype=np.float64).reshape(-1, 2)
-    m = match_points(pred, true, radius)
+    m = match_points(pred, true, radius, method=method)
     s = scores_from_counts(m.tp, m.fp, m.fn)
     matched_pred = np.zeros(len(pred), dtype=bool)
     matched_true = np.zeros(len(true), dtype=bool)
@@ -147,6 +151,11 @@ def points_figure(image: np.ndarray, pred_points: np.ndarray | None, true_points
         (pred[~matched_pred], dict(marker="x", c=FP_COLOUR, linewidths=1.5, s=size(len(pred))),
          f"false alarm (FP): {m.fp}"),
     ]
+    if pairs:
+        groups.insert(1, (true[matched_true], dict(marker="o", facecolors="none", edgecolors=TP_COLOUR,
+                                                   linewidths=1.0, s=size(len(true))), f"matched head: {m.tp}"))
+        for a, b in m.pairs:
+            ax.plot(np.r_[pred[a, 0], true[b, 0]] - 0.5, np.r_[pred[a, 1], true[b, 1]] - 0.5, color=TP_COLOUR)
     for pts, style, label in groups:
         # point (x, y) lies in pixel (floor(y), floor(x)), drawn centred on the integer coordinate
         ax.scatter(pts[:, 0] - 0.5, pts[:, 1] - 0.5, label=label, **style)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from helpers.viz.common import add_colorbar, finish_figure, new_figure, save_figure
+from helpers.viz.common import add_colorbar, finish_figure, new_figure
 
 DENSITY_CMAP = "inferno"
 KIND_COLORS = {"conv": "tab:blue", "maxpool": "tab:red", "avgpool": "tab:orange"}
@@ -277,10 +277,10 @@ def plot_effective_kernels(
     """Dilated kernels or stacks of them as grids of input pixels, one panel each.
 
     ``kernels`` maps a panel title to a 2-D integer array: a 0/1 mask from
-    :func:`helpers.models.effective_kernel` or the path counts of
-    :func:`helpers.models.stacked_taps`. Pixels with 0 (never seen by the output) are drawn in
-    light grey with a cross; the others are coloured by their value (colour bar: ``label``). The
-    panel title says how many pixels of the square are unseen. ``unit`` names what one grid
+    :func:`helpers.analysis.diagnostics.effective_kernel` or the path counts of
+    :func:`helpers.analysis.diagnostics.stacked_taps`. Pixels with 0 (never seen by the output)
+    are drawn in light grey with a cross; the others are coloured by their value (colour bar:
+    ``label``). The panel title says how many pixels of the square are unseen. ``unit`` names what one grid
     square is (for the axis labels), e.g. ``"stage-4 cells (8 px)"`` for kernels that act on a
     feature map with jump 8.
     """
@@ -404,7 +404,7 @@ def plot_overfit_curve(
 
 
 def live_history(title: str | None = None) -> Callable[[dict], None]:
-    """A ``callback`` for :func:`helpers.train.train` that redraws the learning curves each epoch.
+    """A ``callback`` for :func:`helpers.tools.trainer.train` that redraws the learning curves each epoch.
 
     In a notebook the figure of :func:`helpers.viz.training.plot_history` is shown once and then
     replaced in place after every epoch; elsewhere (no IPython) each epoch's row is printed by the

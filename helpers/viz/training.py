@@ -16,7 +16,7 @@ def _rows(history: Any) -> list[dict[str, float]]:
     if hasattr(history, "history"):
         history = history.history
     if isinstance(history, (str, os.PathLike)):
-        from helpers.train import read_history
+        from helpers.tools.trainer import read_history
 
         return read_history(Path(history))
     return [dict(r) for r in history]
@@ -29,7 +29,7 @@ def _finite(values: Sequence[float]) -> list[float]:
 def plot_history(history: Any, name: str | None = None, title: str | None = None):
     """Training loss (left) and validation MAE / RMSE (right) per epoch; returns the figure.
 
-    ``history``: the rows of :func:`helpers.train.train` (``result.history`` or the result
+    ``history``: the rows of :func:`helpers.tools.trainer.train` (``result.history`` or the result
     itself), a run folder or its ``history.csv``. The epoch with the lowest validation MAE is
     marked. With ``name`` the figure is also saved to ``report/figures/<name>.png`` and ``.pdf``.
     """

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from helpers.analysis import diagnostics as insp
-from helpers.data import records_in_folder
 from helpers.models import HeatmapCNN, count_parameters, receptive_field
 from helpers.samples import CrowdDataset, normalize_image
+from helpers.tools.folders import records_in_folder
 
 
 @pytest.fixture()
@@ -174,14 +174,3 @@ def test_predict_samples(model, eval_set):
     train_set = CrowdDataset(eval_set.records, "train", crop=16)
     with pytest.raises(ValueError):
         insp.predict_samples(model, train_set, [0], scale=100.0)
-
-
-# ------------------------------------------------------------------ command line
-
-
-def test_cli(capsys):
-    assert insp.main(["--size", "32", "48"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[-2].startswith("output") and "(1, 1, 4, 6)" in out[-2]
-    assert insp.main(["--size", "4", "4"]) == 1
-    assert capsys.readouterr().err.startswith("error: ")

@@ -1,0 +1,97 @@
+"""Software checks moved out of notebook 04 (CSRNet): the command lines it shows are real.
+
+The notebook prints the ``crowd train`` command of its recipe with
+``helpers.tools.trainer.config_to_argv`` and shows further commands in its text (resume,
+``torchrun``, a time budget). These tests check that those arguments give back the recipe's
+configuration, that every command in the text parses, and that ``crowd train --help`` lists the
+options the notebook talks about. The teaching checks stay in the notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.tools import cli, recipes, trainer
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "04_csrnet.ipynb"
+
+
+def _cells(kind: str) -> list[str]:
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == kind]
+
+
+def _parse(argv: list[str]) -> trainer.TrainConfig:
+    return trainer.config_from_args(cli.build_parser("train").parse_args(argv))
+
+
+def shown_train_commands() -> list[list[str]]:
+    """The ``crowd train`` / ``torchrun ... -m helpers train`` commands of the notebook's text,
+    as argument lists after ``train`` (backslash continuations joined, ``[...]`` made plain)."""
+    commands = []
+    for text in _cells("markdown"):
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#", 1)[0].replace("[", "").replace("]", "").strip()
+                match = re.match(r"^(?:crowd train|torchrun (?:--\S+ )*-m helpers train)\b(.*)$", line)
+                if match:
+                    commands.append(shlex.split(match.group(1)))
+    return commands
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+@pytest.mark.parametrize("part", ["A", "B"])
+def test_recipe_command_line_gives_the_recipe(part, quick):
+    cfg = recipes.recommended_config("csrnet", part, f"runs/csrnet_{part}", quick=quick)
+    argv = trainer.config_to_argv(cfg)
+    parsed = _parse(argv)
+    assert parsed.to_dict() == cfg.to_dict()
+    # independent of config_to_argv's own round trip: the recipe's table, field by field
+    for key, value in recipes.recipe_settings("csrnet", part, quick=quick).items():
+        assert getattr(parsed, key) == value, key
+    assert parsed.model == "csrnet" and parsed.part == part
+
+
+def test_every_command_in_the_text_parses():
+    commands = shown_train_commands()
+    assert len(commands) >= 4, commands  # the recipe, resume, torchrun, a CPU budget
+    for argv in commands:
+        args = cli.build_parser("train").parse_args(argv)  # a usage error exits (SystemExit)
+        assert args.out, f"every command shown names its run folder: {argv}"
+    flat = [" ".join(a) for a in commands]
+    assert any("--resume" in c for c in flat) and any("--max-minutes" in c for c in flat)
+
+
+def test_the_recipe_command_in_the_text_is_the_recipe():
+    """The command the text gives for the recipe (part A, runs/csrnet_A) is the recipe."""
+    recipe = [argv for argv in shown_train_commands()
+              if "--model" in argv and argv[argv.index("--out") + 1] == "runs/csrnet_A"]
+    assert len(recipe) == 1, recipe
+    expected = recipes.recommended_config("csrnet", "A", "runs/csrnet_A", quick=False)
+    assert _parse(recipe[0]).to_dict() == expected.to_dict()
+
+
+def test_help_lists_the_options_the_notebook_uses():
+    run = subprocess.run([sys.executable, "-m", "helpers", "train", "--help"], capture_output=True,
+                         text=True, timeout=300, check=True)
+    used = {word for argv in shown_train_commands() for word in argv if word.startswith("--")}
+    text = "\n".join(_cells("markdown"))
+    used |= set(re.findall(r"`(--[a-z][a-z-]+)", text))
+    assert {"--resume", "--epochs", "--max-minutes", "--pretrained", "--out"} <= used
+    missing = sorted(option for option in used if option not in run.stdout)
+    assert not missing, missing
+
+
+def test_notebook_uses_the_tools_not_copies_of_them():
+    code = "\n".join(_cells("code"))
+    assert "trainer.config_to_argv(" in code, "the command line comes from config_to_argv"
+    assert "getsource" not in code, "show code with helpers.viz.show_source, not inspect"
+    assert "show_source(train.train_step)" in code
+    assert "trainer.train(" in code and "recipes.recommended_config(" in code
