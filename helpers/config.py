@@ -40,11 +40,48 @@ def quick_or_full(quick: int | float, full: int | float) -> int | float:
     return quick if quick_mode() else full
 
 
+_QUICK_SET_HERE: list[str] = []  # the CROWD_QUICK value use_settings wrote (not the environment's)
+
+
+def use_settings(quick: bool = True) -> bool:
+    """A notebook's settings cell: quick mode for the helpers, unless the environment chose it.
+
+    Inputs:
+    - quick: bool, the notebook's ``QUICK``; it sets CROWD_QUICK, except when CROWD_QUICK came
+      from outside the notebook (``make run CROWD_QUICK=0``, CI), which wins
+    Returns:
+    - quick: bool, the mode in force (printed too)
+    """
+    env = os.environ.get("CROWD_QUICK")
+    if env is None or env in _QUICK_SET_HERE:
+        os.environ["CROWD_QUICK"] = "1" if quick else "0"
+        _QUICK_SET_HERE[:] = [os.environ["CROWD_QUICK"]]
+        why = f"QUICK = {bool(quick)} in this notebook"
+    else:
+        why = f"CROWD_QUICK={env} set outside the notebook wins over QUICK = {bool(quick)}"
+    mode = "ON: small subsets, minutes" if quick_mode() else "OFF: the full recipe, can take long"
+    print(f"quick mode {mode} ({why})")
+    return quick_mode()
+
+
+def user_path(text: str | os.PathLike[str]) -> Path | None:
+    """A path as a person types or pastes it (settings, path boxes).
+
+    Inputs:
+    - text: str or path; surrounding spaces and quotes are dropped (Windows "Copy as path" gives
+      "C:\\...\\photo.jpg" in quotes) and a leading ~ is expanded
+    Returns:
+    - path: Path (not resolved, may not exist), or None when the text is blank
+    """
+    text = str(text).strip().strip("\"'").strip()
+    return Path(text).expanduser() if text else None
+
+
 def project_root() -> Path:
     """The project folder. Returns: absolute Path: CROWD_HOME, else this checkout, else the cwd."""
-    env = os.environ.get("CROWD_HOME")
+    env = user_path(os.environ.get("CROWD_HOME", ""))
     if env:
-        return Path(env).expanduser().resolve()
+        return env.resolve()
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file() and (checkout / "helpers").is_dir():
         return checkout
@@ -53,8 +90,8 @@ def project_root() -> Path:
 
 def env_data_root() -> Path | None:
     """The dataset root named by CROWD_DATA. Returns: absolute Path, or None when unset."""
-    env = os.environ.get("CROWD_DATA", "").strip()
-    return Path(env).expanduser().resolve() if env else None
+    env = user_path(os.environ.get("CROWD_DATA", ""))
+    return env.resolve() if env else None
 
 
 def default_data_root() -> Path:
@@ -69,8 +106,8 @@ def synthetic_root() -> Path:
 
 def cache_root() -> Path:
     """Root for caches (density maps). Returns: Path, CROWD_CACHE or build/cache in the project."""
-    env = os.environ.get("CROWD_CACHE", "").strip()
-    return Path(env).expanduser().resolve() if env else project_root() / "build" / "cache"
+    env = user_path(os.environ.get("CROWD_CACHE", ""))
+    return env.resolve() if env else project_root() / "build" / "cache"
 
 
 def runs_root() -> Path:

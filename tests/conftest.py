@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 
 
-def write_tiny_shtech(root: Path, n_images: int = 12, seed: int = 0) -> Path:
-    """Noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B train."""
+def write_tiny_shtech(root: Path, n_images: int = 12, seed: int = 0, part: str = "B", split: str = "train") -> Path:
+    """Noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout (part B train)."""
     import numpy as np
     from PIL import Image
 
     from helpers.tools.synth import write_points_mat
 
     rng = np.random.default_rng(seed)
-    images = root / "part_B" / "train_data" / "images"
-    gts = root / "part_B" / "train_data" / "ground-truth"
+    images = root / f"part_{part}" / f"{split}_data" / "images"
+    gts = root / f"part_{part}" / f"{split}_data" / "ground-truth"
     images.mkdir(parents=True)
     gts.mkdir(parents=True)
     h, w = 96, 128

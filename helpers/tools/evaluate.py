@@ -525,6 +525,98 @@ def evaluate_checkpoint(
     return result
 
 
+# --------------------------------------------------------------------------- every trained run
+
+#: Where a model comes from (:func:`run_origin`), as the results tables say it.
+ORIGINS = {"own": "your run", "quick": "your quick smoke run",
+           "demo": "demo model trained automatically, not yours",
+           "shipped": "shipped with the project, not yours"}
+
+
+def run_origin(run) -> str:
+    """``"shipped"``, ``"demo"``, ``"quick"`` or ``"own"`` for a :class:`helpers.tools.runs.RunInfo`.
+
+    Shipped: the project's trained model (``run.shipped``); demo: trained automatically when no
+    run existed (:func:`helpers.tools.runs.demo_folder`, ``..._demo``); quick: a run of the
+    student's own on few images (``run.demo``, quick mode); own: any other run.
+    """
+    if getattr(run, "shipped", False):
+        return "shipped"
+    folder = Path(run.name).name
+    if folder.endswith("_demo") or folder.endswith("_demo_synthetic"):
+        return "demo"
+    return "quick" if run.demo else "own"
+
+
+def run_label(run) -> str:
+    """A run's name in tables and legends: ``HeatmapCNN (heatmap_cnn_B_quick)``."""
+    return f"{run.title} ({run.name})"
+
+
+def choose_runs(source=None, *, parts: Sequence[str] = ("A", "B"), all_runs: bool = False,
+                fallback_parts: Sequence[str] = ("B",), root: str | Path | None = None) -> dict[str, list]:
+    """The runs notebook 05 evaluates, per part: ``{part: [RunInfo, ...]}``.
+
+    Per part, :func:`helpers.tools.runs.models_to_show`: the best validated run of each model
+    trained on the same kind of data as ``source`` (default :func:`helpers.data.resolve_data_source`),
+    with the shipped model beside them when they are only quick runs (``all_runs``: every
+    validated run instead of the best of each model). A part in ``fallback_parts`` with no run
+    gets the shipped model, or on synthetic data a demo model trained now (:func:`run_origin`
+    says which); other parts without a run of the student's own are left out. ``root``: the runs
+    folder (default ``runs/``).
+    """
+    from helpers.data import resolve_data_source
+    from helpers.tools import runs
+
+    source = source if source is not None else resolve_data_source()
+    kind = runs.SYNTHETIC if source.synthetic else runs.SHANGHAITECH
+    found = [r for r in runs.find_runs(root) if r.ok and r.best_val_mae is not None and r.data == kind]
+    out: dict[str, list] = {}
+    for part in [str(p).strip().upper().removeprefix("PART_") for p in parts]:
+        own = [r for r in found if r.part == part]
+        fallback = part in [str(p).upper() for p in fallback_parts]
+        if not own and not fallback:
+            continue
+        shown = [r for r in runs.models_to_show(part, source, root=root, train_if_missing=fallback)
+                 if r.ok and not (r.shipped and source.synthetic)]  # the shipped models saw real photos
+        if not shown and fallback:
+            shown = [runs.run_info(runs.ensure_checkpoint("heatmap_cnn", part, source=source, root=root), root)]
+        if all_runs:
+            paths = {r.path.resolve() for r in own}
+            shown = own + [r for r in shown if r.path.resolve() not in paths]
+        if shown:
+            out[part] = shown
+    return out
+
+
+def evaluate_runs(chosen: Mapping[str, Sequence], split: str = "test", *, root: str | Path | None = None,
+                  limit: int | None = None, keep_maps: int = 0,
+                  on_image: Callable[[str], Callable[[KeptImage], None] | None] | None = None,
+                  progress: bool = True) -> dict[str, dict[str, EvaluationResult]]:
+    """Score every run of :func:`choose_runs` on its own part's ``split``: ``{part: {label: result}}``.
+
+    Labels are :func:`run_label`; each summary gets ``part``, ``split``, ``run`` and ``origin``
+    (:func:`run_origin`, shown by :func:`results_table`). ``on_image(label)`` may return a
+    callback for that model's images (e.g. a :class:`helpers.tools.report.BandCounter`).
+    """
+    out: dict[str, dict[str, EvaluationResult]] = {}
+    for part, part_runs in chosen.items():
+        for run in part_runs:
+            label = run_label(run)
+            result = evaluate_checkpoint(run.path, part, split, root=root, limit=limit, progress=progress,
+                                         keep_maps=keep_maps, name=label,
+                                         on_image=None if on_image is None else on_image(label))
+            result.summary.update({"run": run.name, "origin": run_origin(run)})
+            out.setdefault(part, {})[label] = result
+    return out
+
+
+def part_tables(per_part: Mapping[str, Mapping[str, Any]], split: str = "test") -> str:
+    """One Markdown table per part (:func:`results_table`), each under a ``### Part X`` heading."""
+    blocks = [f"### Part {part}, {split} split\n\n{results_table(results)}" for part, results in per_part.items()]
+    return "\n".join(blocks) if blocks else "(no trained runs to evaluate)\n"
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -633,12 +725,17 @@ def _summary_of(item: Any) -> Mapping[str, Any]:
 def results_table(results: Mapping[str, Any]) -> str:
     """A Markdown table of several models: MAE, RMSE (papers' "MSE"), GAME(1..3), F1 at 8 px.
 
+    When a summary says where its model comes from (``origin``, :func:`run_origin`), a "Trained"
+    column says it, in bold for models the student did not train (shipped or demo).
+
     ``results`` maps a model name to its summary (or :class:`EvaluationResult`); missing
     metrics show as "–" (e.g. published numbers, which only give MAE and MSE, see
     :func:`helpers.tools.baselines.published_summaries`).
     """
-    header = ("| Model | Images | MAE | RMSE (papers: \"MSE\") | GAME(1) | GAME(2) | GAME(3) | F1 @ 8 px |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|")
+    origins = any(_summary_of(item).get("origin") for item in results.values())
+    header = ("| Model | Images | MAE | RMSE (papers: \"MSE\") | GAME(1) | GAME(2) | GAME(3) | F1 @ 8 px |"
+              + (" Trained |" if origins else "") + "\n|---|---:|---:|---:|---:|---:|---:|---:|"
+              + ("---|" if origins else ""))
     lines = [header]
     for model, item in results.items():
         s = _summary_of(item)
@@ -654,6 +751,9 @@ def results_table(results: Mapping[str, Any]) -> str:
             *[_fmt(game.get(str(level))) for level in (1, 2, 3)],
             _fmt(f1, 3),
         ]
+        if origins:
+            origin = ORIGINS.get(s.get("origin") or "", "")
+            cells.append(f"**{origin}**" if "not yours" in origin else origin)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -109,6 +109,38 @@ def recommended_config(model: str, part: str, out: str | Path, *, quick: bool | 
     return TrainConfig(**values)
 
 
+def run_name(model: str, part: str, source=None, *, quick: bool | None = None, tag: str = "") -> str:
+    """The name of a run folder: ``<model>_<part>[_<tag>][_synthetic][_quick]``.
+
+    The data (``_synthetic`` when ``source``, a :class:`helpers.data.DataSource`, is the synthetic
+    set; default: :func:`helpers.data.resolve_data_source`) and the mode (``_quick`` when
+    ``quick``, default ``CROWD_QUICK``) are part of the name, so a quick run, a full run and a run
+    on other data never share a folder (the trainer refuses to resume a run with other settings).
+    """
+    if source is None:
+        from helpers.data import resolve_data_source
+
+        source = resolve_data_source()
+    model, part = _norm_model(model), _norm_part(part)
+    if part not in ("A", "B"):
+        raise CrowdError(f"part must be A or B, got {part!r}")
+    tag = str(tag).strip().strip("_")
+    quick = settings.quick_mode() if quick is None else bool(quick)
+    return "_".join([model, part] + ([tag] if tag else []) + (["synthetic"] if source.synthetic else [])
+                    + (["quick"] if quick else []))
+
+
+def run_folder(model: str, part: str, source=None, *, quick: bool | None = None, tag: str = "",
+               root: str | Path | None = None) -> Path:
+    """The run folder of ``model`` on ``part``: ``runs/`` + :func:`run_name` (``runs/heatmap_cnn_B_quick``).
+
+    The one place the notebooks name their runs. ``root``: the runs folder (default
+    :func:`helpers.config.runs_root`).
+    """
+    base = Path(root).expanduser() if root is not None else settings.runs_root()
+    return base / run_name(model, part, source, quick=quick, tag=tag)
+
+
 def epochs_for_budget(n_images: int, batch_size: int, minutes: float, steps_per_second: float,
                       val_seconds: float = 0.0, setup_seconds: float = 0.0) -> int:
     """How many epochs of ``n_images`` fit in ``minutes`` at a measured training speed.

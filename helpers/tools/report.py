@@ -15,7 +15,7 @@ the results table of notebook 05 (``report/results.md``), every figure of ``repo
 embedded with a caption (:data:`FIGURES`; figures this module does not know are listed at the
 end), headings for the discussion that the student writes (marked **TODO (student)**), and a
 list of what is still missing and which notebook makes it. ``report/figures/figure_sheet.pdf``
-holds the key figures, one per page, ready to show as slides. Both files are written atomically
+holds the key figures, one 16:9 slide each (the slide style of :mod:`helpers.viz.common`). Both files are written atomically
 and are regenerated on every run: write your own report in a copy.
 
 Command line::
@@ -285,6 +285,7 @@ NOTEBOOKS = {
     "04": "04_csrnet.ipynb",
     "05": "05_evaluation.ipynb",
     "06": "06_count_your_own_image.ipynb",
+    "07": "07_your_own_data.ipynb",
 }
 
 #: Report sections: (title, notebook numbers whose figures go there).
@@ -293,6 +294,7 @@ SECTIONS = (
     ("Method", ("02", "03", "04")),
     ("Results", ("05",)),
     ("Counting new photos", ("06",)),
+    ("Your own data", ("07",)),
 )
 
 _SPECS = (
@@ -355,6 +357,12 @@ _SPECS = (
     FigureSpec("06_overlay", "The predicted density over your own photo, with the count.", key=True),
     FigureSpec("06_heads_vs_threshold", "Number of head points found at each peak threshold."),
     FigureSpec("06_heads", "Head points found in your own photo."),
+    FigureSpec("07_annotations", "Made-up images with the head points read back from their LabelMe, "
+               "CVAT and VIA exports (one red dot per head)."),
+    FigureSpec("07_density_map", "An imported image and its ground-truth density map built by crowd "
+               "density build: the map sums to the number of heads."),
+    FigureSpec("07_counts", "Held-out images of your own data: predicted against true count, for the "
+               "starting model and after fine-tuning on the other images."),
 )
 
 #: Every figure the series makes, by stem.
@@ -409,6 +417,12 @@ def match_figure(stem: str) -> tuple[FigureSpec | None, str | None]:
         return None, None
     variant = stem[len(best) + 1:] or None
     return FIGURES[best], variant
+
+
+def figure_caption(stem: str) -> str | None:
+    """The caption of a figure file stem (``05_count_scatter_B``), with its variant; None if unknown."""
+    spec, variant = match_figure(stem)
+    return None if spec is None else FoundFigure(Path(f"{stem}.png"), spec, variant).caption
 
 
 def _catalogue_order(fig: FoundFigure) -> tuple:
@@ -528,6 +542,8 @@ def report_markdown(known: Sequence[FoundFigure], unknown: Sequence[FoundFigure]
         "Results": f"{TODO} Which model is best, by how much, and how it compares with the "
                    "baselines and the published numbers. Notebook 05.",
         "Counting new photos": f"{TODO} Optional: what happened on your own photos, and why. Notebook 06.",
+        "Your own data": f"{TODO} Optional: how you annotated your own images, and what fine-tuning "
+                         "changed on them. Notebook 07.",
     }
     for k, (section, notebooks) in enumerate(SECTIONS, start=1):
         out += [f"## {k}. {section}", "", intro[section], ""]
@@ -597,23 +613,26 @@ def report_markdown(known: Sequence[FoundFigure], unknown: Sequence[FoundFigure]
 
 
 def sheet_page(figure: FoundFigure, number: int, title: str | None = None):
-    """One page of the figure sheet: a landscape A4 ``matplotlib.figure.Figure`` (no pyplot).
+    """One page of the figure sheet: a 16:9 slide in the slide style (no pyplot).
 
-    The PNG fills the page below its caption (``number. caption``); the file name and ``title``
-    are in the bottom right corner.
+    A ``matplotlib.figure.Figure`` of :data:`helpers.viz.common.SLIDE_SIZE` with the fonts of
+    :data:`helpers.viz.common.SLIDE_RC`: the PNG fills the page below its caption
+    (``number. caption``); the file name and ``title`` are in the bottom right corner.
     """
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 
+    from helpers.viz.common import SLIDE_RC, SLIDE_SIZE
+
     image = mpimg.imread(figure.path)
-    fig = Figure(figsize=(11.69, 8.27))  # A4 landscape, inches
-    ax = fig.add_axes((0.03, 0.04, 0.94, 0.84))
+    fig = Figure(figsize=SLIDE_SIZE)
+    ax = fig.add_axes((0.03, 0.05, 0.94, 0.78))
     ax.imshow(image, interpolation="antialiased")
     ax.set_axis_off()
-    head = "\n".join(textwrap.wrap(f"{number}. {figure.caption}", 110))
-    fig.suptitle(head, fontsize=12, y=0.975, va="top")
+    head = "\n".join(textwrap.wrap(f"{number}. {figure.caption}", 90))
+    fig.suptitle(head, fontsize=SLIDE_RC["font.size"], y=0.975, va="top")
     fig.text(0.99, 0.01, figure.path.name + (f" - {title}" if title else ""), ha="right", va="bottom",
-             fontsize=7, color="0.4")
+             fontsize=SLIDE_RC["font.size"] // 2, color="0.4")
     return fig
 
 
@@ -707,6 +726,129 @@ def build_report(report_dir: str | Path | None = None, *, title: str = "Crowd co
         missing += [f"figure {s} ({nb})" for s in stems]
     return ReportResult(report=report_path, sheet=sheet_path if pages else None, sheet_pages=pages,
                         figures=known, unknown=unknown, results=results_md is not None, missing=missing)
+
+
+# --------------------------------------------------------------------------- the series' plan
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a notebook takes in one setting: ``text`` (``"about 25 min"``) and whether it was
+    ``measured`` (on the 2-core CPU of the README) or is an estimate (shown as such)."""
+
+    text: str
+    measured: bool = True
+
+    def __str__(self) -> str:
+        return self.text if self.measured else f"{self.text} (estimate)"
+
+
+@dataclass(frozen=True)
+class NotebookPlan:
+    """What a notebook needs from earlier ones, what it writes, and how long it takes.
+
+    ``times`` maps :data:`TIMING_COLUMNS` (``("CPU", "quick")``, ...) to :class:`Timing`.
+    """
+
+    number: str
+    needs: str
+    writes: str
+    times: Mapping[tuple[str, str], Timing]
+
+    @property
+    def file(self) -> str:
+        return notebook_file(self.number)
+
+
+#: The columns of the time tables: (where, mode).
+TIMING_COLUMNS = (("CPU", "quick"), ("CPU", "full"), ("Colab GPU", "quick"), ("Colab GPU", "full"))
+
+
+def _times(cpu_quick: str, cpu_full: str, gpu_quick: str, gpu_full: str,
+           cpu_measured: tuple[bool, bool] = (True, True)) -> dict[tuple[str, str], Timing]:
+    """:data:`TIMING_COLUMNS` -> :class:`Timing`; the GPU times are estimates."""
+    return dict(zip(TIMING_COLUMNS, (Timing(cpu_quick, cpu_measured[0]), Timing(cpu_full, cpu_measured[1]),
+                                     Timing(gpu_quick, False), Timing(gpu_full, False)), strict=True))
+
+
+#: The series, one entry per notebook. CPU times are those measured on a 2-core CPU (README, "How
+#: long it takes"); Colab GPU times are estimates (notebook 04, section 8, derives its own).
+PLAN: dict[str, NotebookPlan] = {p.number: p for p in (
+    NotebookPlan("01", "nothing (the dataset, or the synthetic crowds made on first use)",
+                 "figures `01_*`", _times("about 20 s", "about 30 s", "about 20 s", "about 30 s")),
+    NotebookPlan("02", "nothing", "figures `02_*`; in full mode the density cache (`build/cache`, about 2 GB)",
+                 _times("about 30 s", "about 2 min", "about 30 s", "about 2 min")),
+    NotebookPlan("03", "nothing (02 explains the targets it trains on)",
+                 "the run `runs/heatmap_cnn_<part>[_synthetic][_quick]`; figures `03_*`",
+                 _times("about 1-2 min", "about 25 min", "about 1 min", "a few minutes")),
+    NotebookPlan("04", "nothing (03 introduces the training loop)",
+                 "the run `runs/csrnet_<part>[_synthetic][_quick]` and comparison runs; figures `04_*`",
+                 _times("about 1-2 min", "a 15-minute demonstration (not a real run)", "about 1 min",
+                        "minutes to an hour")),
+    NotebookPlan("05", "the runs of 03 and 04 (without them: the shipped or a demo model, marked so)",
+                 "`report/results.md`, `report/results.json`; figures `05_*`",
+                 _times("about 30 s to 1 min", "10-20 min", "about 30 s", "a few minutes",
+                        cpu_measured=(True, False))),
+    NotebookPlan("06", "a run of 03 or 04 (without one: the shipped or a demo model, marked so)",
+                 "figures `06_*`; your uploads in `build/uploads`",
+                 _times("about 30 s", "about 1 min", "about 30 s", "about 30 s")),
+    NotebookPlan("07", "nothing (a shipped model or a run of 03 is fine-tuned if there is one)",
+                 "a made-up dataset and its fine-tuning run under `build/`; figures `07_*`",
+                 _times("about 1 min", "a few minutes", "about 1 min", "about 1 min", cpu_measured=(False, False))),
+)}  # fmt: skip
+
+
+def _plan(number: str) -> NotebookPlan:
+    key = str(number)[:2]
+    if key not in PLAN:
+        raise CrowdError(f"No notebook {number!r} in the series plan; known: {', '.join(PLAN)}.")
+    return PLAN[key]
+
+
+def plan_markdown(number: str) -> str:
+    """The short table a notebook shows under its settings cell: needs, writes, time per mode.
+
+    ``number``: ``"03"`` (or a notebook file name). Markdown, from :data:`PLAN`, the same facts as
+    the README table (:func:`plan_table_markdown`).
+    """
+    plan = _plan(number)
+    where = list(dict.fromkeys(w for w, _ in TIMING_COLUMNS))
+    lines = [f"**Needs:** {plan.needs}. **Writes:** {plan.writes}.", "",
+             "| how long | quick (`QUICK = True`) | full (`QUICK = False`) |", "|---|---|---|"]
+    for w in where:
+        label = "CPU (measured, 2 cores)" if w == "CPU" else w
+        lines.append(f"| {label} | {plan.times[(w, 'quick')]} | {plan.times[(w, 'full')]} |")
+    return "\n".join(lines)
+
+
+def plan_table_markdown() -> str:
+    """The README's table of the series: per notebook what it needs and how long it takes."""
+    head = " | ".join(f"{m}, {w}" for w, m in TIMING_COLUMNS)
+    lines = [f"| notebook | needs | {head} |", "|---|---|" + "---|" * len(TIMING_COLUMNS)]
+    for plan in PLAN.values():
+        cells = " | ".join(str(plan.times[c]) for c in TIMING_COLUMNS)
+        lines.append(f"| {plan.file} | {plan.needs} | {cells} |")
+    return "\n".join(lines)
+
+
+def fallback_banner(runs: Sequence[Any], part: str | None = None) -> str:
+    """A loud Markdown banner when results come from a model the student did not train, else ``""``.
+
+    ``runs``: the :class:`helpers.tools.runs.RunInfo` of the models shown; those that are
+    shipped with the project or demo models trained automatically
+    (:func:`helpers.tools.evaluate.run_origin`) are named, with what to do to get one's own.
+    """
+    from helpers.tools.evaluate import ORIGINS, run_origin
+
+    borrowed = [r for r in runs if run_origin(r) in ("shipped", "demo")]
+    if not borrowed:
+        return ""
+    where = f" for part {part}" if part else ""
+    names = ", ".join(f"`{r.name}` ({ORIGINS[run_origin(r)]})" for r in borrowed)
+    return (f"> **⚠ NOT YOUR MODEL{where.upper()}.** These results use {names}: no model of your own "
+            f"was found{where}. Train one with notebook 03 (HeatmapCNN) or 04 (CSRNet) and run this "
+            "notebook again: your runs are then used, and the rows marked *not yours* in the tables "
+            "are these borrowed models.")
 
 
 # --------------------------------------------------------------------------- command line

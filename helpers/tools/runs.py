@@ -4,18 +4,22 @@ A *run* is a folder written by :mod:`helpers.tools.trainer` (``config.json``, ``
 ``last.pt``, ``best.pt``). :func:`find_runs` lists every ``runs/<name>/best.pt`` (and one level
 deeper, ``runs/<group>/<name>/best.pt``) as a :class:`RunInfo`, best validation MAE first;
 :func:`describe_run` turns one into a paragraph for a student: which model, trained on what,
-how accurate to expect. :func:`ensure_checkpoint` returns a checkpoint for a model and part,
-training a small demo model first when there is none, so that a notebook that needs a trained
+how accurate to expect. :func:`models_to_show` gives the models a notebook shows for a part:
+the student's own runs, and the model shipped with the project (:mod:`helpers.tools.shipped`)
+when the student has no run of that part, or only quick demo runs; only when neither exists does
+:func:`ensure_checkpoint` train a small demo model first, so that a notebook that needs a trained
 model also works from a fresh kernel in a fresh project.
 
-What a run was trained on is read cheaply: model, part, image scale and subset sizes come from
-``config.json``, the epochs and validation errors from ``history.csv``. The checkpoint itself is
-only opened (``weights_only``, memory-mapped: its weights are not read) when those files do not
-say everything: the dataset folder (``config.json`` holds it only when it was given explicitly),
-or the best score when ``best.pt`` is newer than the history (a run stopped by its time budget).
+What a run was trained on comes from ``config.json`` (model, part, image scale, subset sizes) and
+``history.csv`` (epochs, validation errors). Every ``best.pt`` is read once per version and its
+checksum verified (:func:`helpers.tools.checkpoints.load_checkpoint`): a damaged one is listed
+with ``damaged`` set and never chosen. The checkpoint also gives what those files do not say: the
+dataset folder, or the best score when ``best.pt`` is newer than the history (a run stopped by
+its time budget).
 
-Also here, for counting your own photos: :func:`save_upload` (the bytes of an
-``ipywidgets.FileUpload`` to a file), :func:`heads_at_threshold`, :func:`peak_counts`,
+Also here, for counting your own photos: :func:`save_upload` and :func:`clear_upload` (an
+``ipywidgets.FileUpload``, versions 7 and 8, to a file; emptied), :func:`colab_upload` (Colab's
+upload dialog, for large photos), :func:`heads_at_threshold`, :func:`peak_counts`,
 :func:`threshold_grid` and :func:`threshold_for_count` (head points of a
 :class:`helpers.predict.Prediction` at any threshold, without running the model again), and
 :func:`runs_markdown` (a table of runs).
@@ -24,6 +28,7 @@ Command line::
 
     crowd runs [--root DIR] [--json]         # list the runs, best first
     crowd runs ensure [--model M] [--part P]  # print a checkpoint path, training if needed
+    crowd runs shipped [--json]               # the models shipped with the project
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +50,7 @@ import numpy as np
 
 from helpers import config as settings
 from helpers.errors import CheckpointError, CrowdError
+from helpers.tools.checkpoints import CheckpointDamagedError, load_checkpoint
 from helpers.tools.fileio import file_lock
 
 #: How :func:`data_kind` names the dataset a run was trained on.
@@ -73,7 +80,10 @@ class RunInfo:
       ``best_epoch``: the epoch it was reached at; ``epochs``: epochs completed (history rows).
     * ``input_scale``: images are resized by this factor before inference (``resize``).
     * ``max_fit`` / ``max_val``: the caps on training / validation images (None: all).
-    * ``error``: why the checkpoint could not be read (the other fields are then partial).
+    * ``error``: why the checkpoint could not be read (the other fields are then partial);
+      ``damaged``: it was written whole but its bytes changed since (checksum mismatch, truncated).
+    * ``shipped``: the model shipped with the project (:mod:`helpers.tools.shipped`), not a run
+      of the student's own.
     """
 
     name: str
@@ -90,6 +100,8 @@ class RunInfo:
     max_val: int | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     error: str | None = None
+    damaged: bool = False
+    shipped: bool = False
 
     @property
     def folder(self) -> Path:
@@ -107,16 +119,22 @@ class RunInfo:
 
     @property
     def title(self) -> str:
-        """``HeatmapCNN`` / ``CSRNet`` (or the raw model name)."""
-        return MODEL_TITLES.get(self.model, self.model)
+        """``HeatmapCNN`` / ``CSRNet`` (or the raw model name); for the shipped model
+        ``shipped HeatmapCNN (Part B, trained by the project)``."""
+        title = MODEL_TITLES.get(self.model, self.model)
+        if self.shipped:
+            return f"shipped {title} (Part {self.part}, trained by the project)"
+        return title
 
     @property
     def label(self) -> str:
         """One line for a menu: name, model, part, data, validation MAE."""
         if self.error:
-            return f"{self.name}: unreadable checkpoint"
+            return f"{self.name}: {'damaged' if self.damaged else 'unreadable'} checkpoint"
         mae = "not validated" if self.best_val_mae is None else f"val MAE {self.best_val_mae:.1f}"
         demo = ", demo" if self.demo else ""
+        if self.shipped:
+            return f"{self.name}: {self.title}, {self.data}, {mae}"
         return f"{self.name}: {self.title}, part {self.part}, {self.data}{demo}, {mae}"
 
 
@@ -168,24 +186,30 @@ def _read_history(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def _checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The checkpoint dict without reading its weights (memory-mapped, ``weights_only=True``).
+#: (path, modification time, size) -> the checkpoint's entries without weights, or the error it
+#: raised: each version of a file is read and verified once per process.
+_META_CACHE: dict[tuple[str, int, int], dict[str, Any] | CheckpointError] = {}
+_HEAVY_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "ema")
 
-    Falls back to :func:`helpers.tools.checkpoints.load_checkpoint` (a full read) when the file cannot
-    be memory-mapped, which also raises the explanatory :class:`CheckpointError` for a missing,
-    corrupt or unsafe file.
-    """
-    import torch
 
-    from helpers.tools.checkpoints import load_checkpoint
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy format, corrupt, unsafe: the full reader says which
-        obj = load_checkpoint(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict.")
-    return {k: v for k, v in obj.items() if k not in ("model", "optimizer", "scheduler", "scaler", "rng")}
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint dict without its weights, read and checksum-verified by
+    :func:`helpers.tools.checkpoints.load_checkpoint` (which raises the explanatory
+    :class:`CheckpointError` for a missing, damaged or unsafe file). Cached per file version."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _META_CACHE:
+        try:
+            obj = load_checkpoint(path)
+            _META_CACHE[key] = {k: v for k, v in obj.items() if k not in _HEAVY_KEYS}
+            if "model" in obj:
+                _META_CACHE[key]["has_weights"] = True
+        except CheckpointError as exc:
+            _META_CACHE[key] = exc
+    found = _META_CACHE[key]
+    if isinstance(found, CheckpointError):
+        raise found
+    return found
 
 
 def _opt_int(value: Any) -> int | None:
@@ -237,15 +261,15 @@ def run_info(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
     data_root = cfg.get("data_root")
     model_name, part = cfg.get("model"), cfg.get("part")
     epochs = len(history)
-    error = None
+    error, damaged = None, False
+    try:
+        meta = read_checkpoint_meta(path)
+    except CheckpointError as exc:
+        meta, error, damaged = {}, str(exc), isinstance(exc, CheckpointDamagedError)
 
     history_file = folder / "history.csv"
     stale = not history_file.is_file() or path.stat().st_mtime > history_file.stat().st_mtime + 1.0
     if not cfg or data_root is None or best_mae is None or stale:
-        try:
-            meta = _checkpoint_meta(path)
-        except CheckpointError as exc:
-            meta, error = {}, str(exc)
         ckpt_cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         cfg = cfg or ckpt_cfg
         data_root = data_root or meta.get("data_root") or ckpt_cfg.get("data_root")
@@ -255,7 +279,7 @@ def run_info(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
         if ckpt_mae is not None:  # the checkpoint's own score is what best.pt holds
             best_mae, best_epoch = ckpt_mae, _opt_int(meta.get("epoch"))
         epochs = max(epochs, _opt_int(meta.get("epoch")) or 0)  # a partial epoch counts
-        if meta and "model" not in meta and "model_name" not in meta and error is None:
+        if meta and "has_weights" not in meta and "model_name" not in meta and error is None:
             error = f"{path} is not a checkpoint written by crowd train"
     if error is None and not model_name:
         error = f"{path} does not say which model it holds"
@@ -274,6 +298,7 @@ def run_info(path: str | os.PathLike[str], root: str | os.PathLike[str] | None =
         max_val=_opt_int(cfg.get("max_val")),
         config=dict(cfg),
         error=error,
+        damaged=damaged,
     )
 
 
@@ -401,6 +426,36 @@ def ensure_checkpoint(model: str = "heatmap_cnn", part: str = "B", out: str | os
     return result.best
 
 
+def models_to_show(part: str, source=None, *, root: str | os.PathLike[str] | None = None,
+                   train_if_missing: bool = True,
+                   shipped_dir: str | os.PathLike[str] | None = None) -> list[RunInfo]:
+    """The trained models a notebook shows for ``part``, each labelled by its :class:`RunInfo`.
+
+    The student's best run of each model (HeatmapCNN, then CSRNet) trained on the same kind of
+    data as ``source`` (default :func:`helpers.data.resolve_data_source`), then the model shipped
+    with the project for ``part`` (``shipped=True``, :func:`helpers.tools.shipped.shipped_run`)
+    when the student has no run of that part or only quick demo runs: in quick mode it is shown
+    beside the smoke run. Never mixed up: the shipped model's ``title`` and ``label`` say so.
+    When there is neither, trains a demo HeatmapCNN (:func:`ensure_checkpoint`) unless
+    ``train_if_missing`` is False (then the list may be empty). ``root``: the runs folder;
+    ``shipped_dir``: the folder of shipped models (default :data:`helpers.tools.shipped.SHIPPED_DIR`).
+    """
+    from helpers.data import resolve_data_source
+    from helpers.tools.shipped import shipped_run
+
+    part = str(part).strip().upper().removeprefix("PART_")
+    source = source if source is not None else resolve_data_source()
+    found = find_runs(root)
+    own = [r for m in MODEL_TITLES if (r := best_run(found, source, model=m, part=part)) is not None]
+    shipped = shipped_run(part, shipped_dir)
+    if shipped is not None and all(r.demo for r in own):
+        return own + [shipped]
+    if not own and train_if_missing:
+        ensure_checkpoint("heatmap_cnn", part, source=source, root=root)
+        return models_to_show(part, source, root=root, train_if_missing=False, shipped_dir=shipped_dir)
+    return own
+
+
 # --------------------------------------------------------------------------- describing a run
 
 
@@ -442,6 +497,8 @@ def describe_run(run: RunInfo, *, mean_count: float | None = None, html: bool = 
     if run.error:
         text = f"**Cannot use `{run.path}`**: {run.error}"
         return _inline_html(text) if html else text
+    if run.shipped:
+        return _describe_shipped(run, html=html)
     n_val = None
     if mean_count is None:
         found = validation_mean_count(run)
@@ -497,29 +554,97 @@ def describe_run(run: RunInfo, *, mean_count: float | None = None, html: bool = 
     return _inline_html(text) if html else text
 
 
+def _describe_shipped(run: RunInfo, *, html: bool = False) -> str:
+    """:func:`describe_run` for the model shipped with the project (numbers from its manifest)."""
+    from helpers.tools.shipped import manifest_entry
+
+    entry = manifest_entry(run.part, run.path.parent) or {}
+    val, test = entry.get("val") or {}, entry.get("test") or {}
+    scene = PART_SCENES[SHANGHAITECH].get(run.part, "")
+    text = (
+        f"**Model in use: the {run.title}**, not a model of your own: a {MODEL_TITLES.get(run.model, run.model)} "
+        f"trained by the project on **ShanghaiTech** part {run.part} ({scene}) for {run.epochs} epochs "
+        f"(`{run.path.name}`, see `MODEL_CARD.md` beside it). Photos are resized by "
+        f"{run.input_scale:g} before counting."
+    )
+    if val.get("mae") is not None:
+        text += f" **Validation MAE: {val['mae']:.1f} people per image**"
+        text += f", test MAE {test['mae']:.1f}." if test.get("mae") is not None else "."
+    text += (" Train your own (notebook 03, or 04 for CSRNet) in full mode and it is used "
+             "instead.")
+    return _inline_html(text) if html else text
+
+
 # --------------------------------------------------------------------------- your own images
 
 
-def save_upload(value: Any, folder: str | os.PathLike[str] | None = None) -> Path | None:
-    """Write the first file of an ``ipywidgets.FileUpload`` value to ``folder``; returns its path.
+def save_upload(upload: Any, folder: str | os.PathLike[str] | None = None) -> Path | None:
+    """Write the first file of an ``ipywidgets.FileUpload`` to ``folder``; returns its path.
 
-    ``value`` is the widget's ``.value`` (ipywidgets 8: a tuple of dicts with ``name`` and
-    ``content``, a memoryview; ipywidgets 7: a dict of such dicts by name). ``folder`` defaults to
-    ``build/uploads`` in the project. None when nothing was uploaded. The file keeps its name
-    (reduced to safe characters), so the image is then read like any other file, with the
-    camera's EXIF rotation applied.
+    ``upload`` is the widget or its ``.value``, from ipywidgets 8 (a tuple of dicts with ``name``
+    and ``content``, a memoryview) or 7 (Colab's: a dict ``{name: {"metadata": ..., "content":
+    bytes}}``). ``folder`` defaults to ``build/uploads`` in the project. None when nothing was
+    uploaded. The file keeps its name (reduced to safe characters), so the image is then read
+    like any other file, with the camera's EXIF rotation applied.
     """
+    value = upload.value if hasattr(upload, "value") else upload
     if not value:
         return None
-    items = list(value.values()) if isinstance(value, dict) else list(value)
-    item = items[0]
-    name = str(item.get("name") or (next(iter(value)) if isinstance(value, dict) else "upload"))
+    if isinstance(value, dict):  # ipywidgets 7
+        name, item = next(iter(value.items()))
+    else:
+        item = value[0]
+        name = item.get("name") or "upload"
     content = item.get("content")
     if content is None:
         raise CrowdError(f"The uploaded file {name!r} has no content; upload it again.")
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).strip("._") or "upload"
+    return _write_upload(str(name), content, folder)
+
+
+def clear_upload(upload: Any) -> None:
+    """Forget the file(s) of an ``ipywidgets.FileUpload``, on ipywidgets 8 and 7 alike.
+
+    On 8 this is ``upload.value = ()``. On 7 (Colab) ``value`` is read-only (assigning it raises
+    ``TraitError: The "value" trait is read-only``): the widget's files are emptied and its
+    value set to ``{}`` the way the widget itself does. Observers of ``value`` see the change.
+    """
+    if isinstance(upload.value, dict):  # ipywidgets 7
+        upload.metadata, upload.data = [], []
+        upload.set_trait("value", {})
+    else:
+        upload.value = ()
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (its ``google.colab`` module is loaded)."""
+    return sys.modules.get("google.colab") is not None
+
+
+def colab_upload(folder: str | os.PathLike[str] | None = None) -> Path | None:
+    """Upload a photo with Google Colab's own dialog; returns where it was written (``folder``).
+
+    For large photos (a phone photo of several MB) in Colab, where the ``FileUpload`` widget can
+    stall: ``google.colab.files.upload()`` sends the file in chunks. Blocks until the file has
+    arrived; the first file is kept, in ``folder`` (default ``build/uploads`` in the project).
+    None when nothing was chosen. Raises :class:`CrowdError` outside Colab.
+    """
+    try:
+        from google.colab import files
+    except ImportError as exc:
+        raise CrowdError("colab_upload works only in Google Colab; here, use the upload button or "
+                         "type the photo's path.") from exc
+    uploaded = files.upload()  # {file name: bytes}; Colab also leaves a copy in the working folder
+    if not uploaded:
+        return None
+    name, content = next(iter(uploaded.items()))
+    return _write_upload(str(name), content, folder)
+
+
+def _write_upload(name: str, content: Any, folder: str | os.PathLike[str] | None) -> Path:
+    """Write uploaded bytes to ``folder`` (default ``build/uploads``) under a safe form of ``name``."""
     from helpers.tools.fileio import atomic_path
 
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).strip("._") or "upload"
     out = Path(folder) if folder is not None else settings.project_root() / "build" / "uploads"
     target = out / safe
     with atomic_path(target, suffix=Path(safe).suffix) as tmp:
@@ -608,7 +733,7 @@ def runs_markdown(runs: Sequence[RunInfo]) -> str:
              "|---|---|---|---|---:|---:|---:|---:|"]
     for r in runs:
         if not r.ok:
-            lines.append(f"| `{r.name}` | unreadable | | | | | | |")
+            lines.append(f"| `{r.name}` | {'damaged' if r.damaged else 'unreadable'} | | | | | | |")
             continue
         mae = "-" if r.best_val_mae is None else f"{r.best_val_mae:.1f}"
         images = "all" if r.max_fit is None else f"<= {r.max_fit}"
@@ -624,13 +749,13 @@ def _as_json(run: RunInfo) -> dict[str, Any]:
     return {"name": run.name, "path": str(run.path), "model": run.model, "part": run.part,
             "data": run.data, "best_val_mae": run.best_val_mae, "best_epoch": run.best_epoch,
             "epochs": run.epochs, "input_scale": run.input_scale, "max_fit": run.max_fit,
-            "demo": run.demo, "error": run.error}
+            "demo": run.demo, "error": run.error, "damaged": run.damaged, "shipped": run.shipped}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``crowd runs``: list the trained runs (best validation MAE first), or print
     a checkpoint for a model and part, training a small demo model first if there is none."""
-    parser.add_argument("action", nargs="?", choices=["list", "ensure"], default="list")
+    parser.add_argument("action", nargs="?", choices=["list", "ensure", "shipped"], default="list")
     parser.add_argument("--root", default=None, help="runs folder (default: runs/ in the project)")
     parser.add_argument("--model", default="heatmap_cnn", help="ensure: heatmap_cnn or csrnet")
     parser.add_argument("--part", default="B", help="ensure: A or B")
@@ -641,6 +766,15 @@ def run(args: argparse.Namespace) -> int:
     """``crowd runs``: one line (or JSON object) per run, or ``ensure``'s checkpoint path."""
     if args.action == "ensure":
         print(ensure_checkpoint(args.model, args.part, root=args.root))
+        return 0
+    if args.action == "shipped":
+        from helpers.tools.shipped import shipped_run
+
+        runs = [r for part in ("A", "B") if (r := shipped_run(part)) is not None]
+        for found in runs:
+            print(json.dumps(_as_json(found)) if args.json else f"{found.label}  [{found.path}]")
+        if not runs and not args.json:
+            print("no shipped models in this installation")
         return 0
     runs = find_runs(args.root)
     for found in runs:

@@ -36,8 +36,14 @@ class VerifyReport:
 
 
 def default_checksum_file() -> Path:
-    """``data/ShanghaiTech.sha256`` in the project."""
-    return config.project_root() / "data" / "ShanghaiTech.sha256"
+    """``data/ShanghaiTech.sha256`` of this checkout (shipped with the code), else of the project.
+
+    The project folder (CROWD_HOME) may be elsewhere, e.g. on Google Drive; the list comes with the
+    code, so it is looked for beside the code first.
+    """
+    name = Path("data") / "ShanghaiTech.sha256"
+    beside_code = Path(__file__).resolve().parents[2] / name
+    return beside_code if beside_code.is_file() else config.project_root() / name
 
 
 def sha256(path: Path) -> str:

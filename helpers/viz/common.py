@@ -1,13 +1,52 @@
-"""Saving figures for the report, and small drawing helpers shared by the topic modules."""
+"""Saving figures for the report, the slide style, and small drawing helpers shared by the topic modules.
+
+A saved figure shows its catalogue caption (:data:`helpers.tools.report.FIGURES`) under it when a
+notebook displays it. ``with slide_style(): ...`` draws figures for slides: 16:9, larger fonts
+and lines.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
+from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 from helpers import config
 
 DPI = 200
+#: Size of a figure drawn in :func:`slide_style`: 16:9 inches, a widescreen slide.
+SLIDE_SIZE = (13.333, 7.5)
+#: Matplotlib settings of :func:`slide_style`: fonts and lines readable from the back of a room.
+SLIDE_RC = {
+    "font.size": 18, "axes.titlesize": 22, "axes.labelsize": 20, "xtick.labelsize": 16,
+    "ytick.labelsize": 16, "legend.fontsize": 16, "figure.titlesize": 24, "lines.linewidth": 3.0,
+    "lines.markersize": 9, "axes.linewidth": 1.5, "xtick.major.width": 1.5, "ytick.major.width": 1.5,
+}  # fmt: skip
+_SLIDE: ContextVar[bool] = ContextVar("slide_style", default=False)
+
+
+@contextlib.contextmanager
+def slide_style() -> Iterator[None]:
+    """Figures made inside are for slides: :data:`SLIDE_SIZE` (16:9) and :data:`SLIDE_RC`.
+
+    ``with viz.slide_style(): viz_evaluation.count_scatter(results, name="05_count_scatter_B")``
+    """
+    import matplotlib
+
+    token = _SLIDE.set(True)
+    try:
+        with matplotlib.rc_context(SLIDE_RC):
+            yield
+    finally:
+        _SLIDE.reset(token)
+
+
+def in_slide_style() -> bool:
+    """True inside :func:`slide_style`."""
+    return _SLIDE.get()
 
 
 def _slug(name: str) -> str:
@@ -34,7 +73,23 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> list[Path]:
         with atomic_path(target, suffix=f".{ext}") as tmp:
             fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=ext)
         paths.append(target)
+    _caption_under(fig, stem)
     return paths
+
+
+def _display_with_caption(fig, caption: str) -> None:
+    from IPython.display import Image, Markdown, display
+
+    display(Image(data=figure_png(fig, dpi=fig.dpi, close=False), format="png"), Markdown(caption))
+
+
+def _caption_under(fig, stem: str) -> None:
+    """When a notebook shows ``fig`` (at the end of the cell, or as its value), its catalogue
+    caption is shown right under it (IPython calls ``_ipython_display_`` instead of drawing)."""
+    from helpers.tools.report import figure_caption
+
+    caption = figure_caption(stem) or "(not in the figure catalogue, helpers/tools/report.py)"
+    fig._ipython_display_ = functools.partial(_display_with_caption, fig, f"**Figure `{stem}`.** {caption}")
 
 
 def finish_figure(fig, name: str | None, tight: bool = False):
@@ -47,10 +102,14 @@ def finish_figure(fig, name: str | None, tight: bool = False):
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 5.0, height: float = 4.0, **kwargs):
-    """``plt.subplots`` with a size per panel in inches; returns ``(fig, axes)``."""
+    """``plt.subplots`` with a size per panel in inches; returns ``(fig, axes)``.
+
+    Inside :func:`slide_style` the whole figure is :data:`SLIDE_SIZE` (16:9) instead.
+    """
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), **kwargs)
+    size = SLIDE_SIZE if in_slide_style() else (width * ncols, height * nrows)
+    return plt.subplots(nrows, ncols, figsize=size, **kwargs)
 
 
 def add_colorbar(fig, mappable, ax, label: str):
