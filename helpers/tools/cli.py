@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "list the trained runs, best validation MAE first"),
     "report": ("helpers.tools.report", "add_arguments", "run",
                "assemble report/report.md and the figure sheet from report/"),
+    "import-points": ("helpers.tools.folders", "add_arguments", "run",
+                      "arrange LabelMe / CVAT / VIA head-point exports as a dataset (your own data)"),
 }  # fmt: skip
 
 
