@@ -64,7 +64,7 @@ def measure_speed(cfg, steps: int = 6) -> dict[str, float]:
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        train_step(model, x, y, opt, scale=cfg.scale, reduction=cfg.loss,
+        train_step(model, x, y, opt, scale=cfg.scale, reduction=cfg.reduction,
                    count_weight=cfg.count_loss_weight, grad_clip=cfg.grad_clip)
         if i:  # the first step warms up
             times.append(time.perf_counter() - t0)

@@ -9,8 +9,8 @@
     04 CSRNet     models     CSRNet, load_vgg16_frontend, build_model
     05 evaluation metrics    mae, rmse, game, find_peaks, match_points, scores_from_counts
     06 your image predict    prepare_image, count, context_margin
-    (all)         config     CROWD_DATA, CROWD_QUICK, CROWD_HOME, CROWD_CACHE, CROWD_DEVICE
-                  errors     CrowdError and its kinds
+    next steps    losses     bayesian_loss, dm_count_loss, sinkhorn (learning from the points)
+    (all)         config, errors  settings (CROWD_DATA, CROWD_QUICK, ...), CrowdError and its kinds
 
 ``helpers.tools`` (trainer, cache, checkpoints, inference, evaluate, the ``crowd`` command line)
 and ``helpers.viz`` (figures) build on these; see docs/DESIGN.md. Importing does nothing else.

@@ -1,11 +1,11 @@
 """Training samples: ImageNet-normalised image tensors (3, h, w) and density targets (1, h/s, w/s)
-at the model's output stride s (8), people per cell.
+at the model's output stride s (8), people per cell, or the head points (N, 2) of the sample.
 
 The target is the full-resolution density cut to the pixels of the sample, then sum-pooled, so
-``target.sum()`` is the number of people in it. ``train`` mode: random crops, flips, rescaling
-(mass-preserving) and grayscale, a pure function of ``(seed, epoch, index)`` so a run resumes
-exactly; ``eval`` mode: whole images padded to a multiple of s (mean colour, zero density).
-Memory of ``cache_in_memory`` and the choices behind resampling: docs/data.md.
+``target.sum()`` is the number of people in it; points go through the same crop, flip and scaling.
+``train`` mode: random crops, flips, rescaling (mass-preserving) and grayscale, a pure function of
+``(seed, epoch, index)`` so a run resumes exactly; ``eval`` mode: whole images padded to a
+multiple of s (mean colour, zero density). Memory and resampling choices: docs/data.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from helpers import data, density
 from helpers.errors import CacheError
 
 MODES = ("train", "eval")
+TARGETS = ("density", "points")
 DEFAULT_STRIDE = 8
 
 
@@ -139,10 +140,25 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index), 0x5A3])
 
 
+def _scale_points(points: np.ndarray, shape: tuple[int, int], new_shape: tuple[int, int]) -> np.ndarray:
+    """(x, y) points of an image of ``shape`` (H, W) on the same image resized to ``new_shape``."""
+    return points * [new_shape[1] / shape[1], new_shape[0] / shape[0]]
+
+
+def collate_points(batch):
+    """DataLoader collate for ``targets="points"``.
+
+    Inputs: batch: list of (image float32 (3, H, W), points float32 (N_i, 2)), images of one size
+    Returns: images: float32 tensor (B, 3, H, W); points: list of B float32 tensors (N_i, 2)
+    """
+    return torch.stack([image for image, _ in batch]), [points for _, points in batch]
+
+
 @dataclass
 class _Base:
     image: np.ndarray  # H x W x 3 uint8 at the dataset's resize
-    density: np.ndarray  # H x W float32, same size, sum = count
+    density: np.ndarray | None  # H x W float32, same size, sum = count (None for point targets)
+    points: np.ndarray  # (count, 2) float64 (x, y) at the dataset's resize
     count: int
 
 
@@ -163,8 +179,11 @@ class CrowdDataset(Dataset):
     - seed: int, base seed of the augmentation streams
     - density_fn: (record, params) -> (H, W) float32 full-resolution map; None computes it with
       helpers.density.compute_density (the trainer passes helpers.tools.cache.load_density)
+    - targets: "density" (sum-pooled maps) or "points" (no density is computed; batch them with
+      collate_points)
     Returns (ds[i] or ds[(epoch, i)]):
-    - image: float32 tensor (3, h, w); target: float32 tensor (1, h / stride, w / stride)
+    - image: float32 tensor (3, h, w); target: float32 tensor (1, h / stride, w / stride), or
+      points: float32 tensor (N, 2), the (x, y) heads inside the sample in its pixels
     """
 
     def __init__(
@@ -182,10 +201,12 @@ class CrowdDataset(Dataset):
         cache_in_memory: bool = False,
         seed: int = 0,
         density_fn: Callable[[data.ImageRecord, density.DensityParams], np.ndarray] | None = None,
+        targets: str = "density",
     ) -> None:
         rescale = None if rescale is None else (float(rescale[0]), float(rescale[1]))
         problems = {
             f"mode must be one of {MODES}, not {mode!r}": mode not in MODES,
+            f"targets must be one of {TARGETS}, not {targets!r}": targets not in TARGETS,
             f"stride must be >= 1, got {stride}": stride < 1,
             f"crop ({crop}) must be a positive multiple of the stride ({stride})":
                 mode == "train" and (crop < stride or crop % max(stride, 1) != 0),
@@ -198,7 +219,7 @@ class CrowdDataset(Dataset):
             raise ValueError(message)
         self.records, self.mode, self.crop, self.stride = list(records), mode, int(crop), int(stride)
         self.flip, self.rescale, self.gray_prob = bool(flip), rescale, float(gray_prob)
-        self.resize, self.seed = float(resize), int(seed)
+        self.resize, self.seed, self.targets = float(resize), int(seed), targets
         self.density_params = density_params if density_params is not None else density.DensityParams()
         self.cache_in_memory = bool(cache_in_memory)
         self.density_fn = density_fn if density_fn is not None else density.compute_density
@@ -216,18 +237,20 @@ class CrowdDataset(Dataset):
             return cached
         record = self.records[index]
         example = data.load_example(record)
-        dmap = np.asarray(self.density_fn(record, self.density_params), dtype=np.float32)
-        image = example.image
-        if dmap.shape != image.shape[:2]:
-            raise CacheError(
-                f"Density map of {record.image_path} is {dmap.shape} but the image is "
-                f"{image.shape[:2]}; delete the density cache (CROWD_CACHE) and run again."
-            )
+        image, points, dmap = example.image, example.points, None
+        if self.targets == "density":
+            dmap = np.asarray(self.density_fn(record, self.density_params), dtype=np.float32)
+            if dmap.shape != image.shape[:2]:
+                raise CacheError(
+                    f"Density map of {record.image_path} is {dmap.shape} but the image is "
+                    f"{image.shape[:2]}; delete the density cache (CROWD_CACHE) and run again."
+                )
         if self.resize != 1.0:
             shape = scaled_shape(image.shape[:2], self.resize)
+            points = _scale_points(points, image.shape[:2], shape)
             image = resize_image(image, shape)
-            dmap = resample_density(dmap, shape)
-        base = _Base(image=image, density=dmap, count=example.count)
+            dmap = None if dmap is None else resample_density(dmap, shape)
+        base = _Base(image=image, density=dmap, points=points, count=example.count)
         self._counts[index] = example.count
         if self.cache_in_memory:
             self._cache[index] = base
@@ -245,7 +268,8 @@ class CrowdDataset(Dataset):
 
     def memory_bytes(self) -> int:
         """Bytes held by the in-memory cache right now."""
-        return sum(b.image.nbytes + b.density.nbytes for b in self._cache.values())
+        return sum(b.image.nbytes + b.points.nbytes + (b.density.nbytes if b.density is not None else 0)
+                   for b in self._cache.values())
 
     def true_count(self, index: int) -> int:
         """Number of annotated heads of image ``index`` (after the point policy of helpers.data)."""
@@ -271,48 +295,53 @@ class CrowdDataset(Dataset):
         return AugmentPlan(scale, top, left, self.flip and u_flip < 0.5, u_gray < self.gray_prob)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ds[i]`` (epoch ``ds.epoch``) or ``ds[(epoch, i)]`` -> ``(image, target)`` tensors."""
+        """``ds[i]`` (epoch ``ds.epoch``) or ``ds[(epoch, i)]`` -> ``(image, target or points)``."""
         epoch, index = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, int(key))
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} out of range for {len(self)} images")
         base = self._load_base(index)
         if self.mode == "eval":
-            image, dmap = self._eval_sample(base)
+            image, dmap, points = self._eval_sample(base)
         else:
-            image, dmap = self._train_sample(base, self.plan(index, epoch, base.image.shape[:2]))
+            image, dmap, points = self._train_sample(base, self.plan(index, epoch, base.image.shape[:2]))
+        if self.targets == "points":
+            return torch.from_numpy(image), torch.from_numpy(np.asarray(points, dtype=np.float32))
         target = density.downsample_density(dmap, self.stride)
         return torch.from_numpy(image), torch.from_numpy(np.ascontiguousarray(target, np.float32)[None])
 
-    def _eval_sample(self, base: _Base) -> tuple[np.ndarray, np.ndarray]:
+    def _eval_sample(self, base: _Base) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         h, w = base.image.shape[:2]
         s = self.stride
         ph, pw = -(-h // s) * s, -(-w // s) * s
         image = np.zeros((3, ph, pw), dtype=np.float32)  # 0 = ImageNet mean colour
         image[:, :h, :w] = normalize_image(base.image)
-        density = np.zeros((ph, pw), dtype=np.float32)
-        density[:h, :w] = base.density
-        return image, density
+        density = None if base.density is None else np.zeros((ph, pw), dtype=np.float32)
+        if density is not None:
+            density[:h, :w] = base.density
+        return image, density, base.points
 
-    def _train_sample(self, base: _Base, plan: AugmentPlan) -> tuple[np.ndarray, np.ndarray]:
-        img, den = base.image, base.density
+    def _train_sample(self, base: _Base, plan: AugmentPlan) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        img, den, pts = base.image, base.density, base.points
         if plan.scale != 1.0:
             shape = scaled_shape(img.shape[:2], plan.scale)
+            pts = _scale_points(pts, img.shape[:2], shape)
             img = resize_image(img, shape)
-            den = resample_density(den, shape)
-        c = self.crop
-        img_c = img[plan.top : plan.top + c, plan.left : plan.left + c]
-        den_c = den[plan.top : plan.top + c, plan.left : plan.left + c]
-        if plan.flip:
-            img_c = img_c[:, ::-1]
-            den_c = den_c[:, ::-1]
+            den = None if den is None else resample_density(den, shape)
+        c, rows, cols = self.crop, slice(plan.top, plan.top + self.crop), slice(plan.left, plan.left + self.crop)
+        img_c = img[rows, cols]
+        hc, wc = img_c.shape[:2]
+        pts = pts - [plan.left, plan.top]  # a new array: the base's points are not touched
+        pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < wc) & (pts[:, 1] >= 0) & (pts[:, 1] < hc)]
+        if plan.flip:  # pixel column j -> wc - 1 - j, so x -> wc - x
+            img_c, pts[:, 0] = img_c[:, ::-1], wc - pts[:, 0]
         if plan.gray:
             img_c = _to_grayscale(img_c)
-        hc, wc = den_c.shape
         image = np.zeros((3, c, c), dtype=np.float32)  # padding: ImageNet mean colour
         image[:, :hc, :wc] = normalize_image(np.ascontiguousarray(img_c))
-        density = np.zeros((c, c), dtype=np.float32)  # padding: no people
-        density[:hc, :wc] = den_c
-        return image, density
+        density = None if den is None else np.zeros((c, c), dtype=np.float32)  # padding: no people
+        if density is not None:
+            density[:hc, :wc] = den[rows, cols][:, ::-1] if plan.flip else den[rows, cols]
+        return image, density, pts
 
     def __repr__(self) -> str:
         extra = f", crop={self.crop}" if self.mode == "train" else ""

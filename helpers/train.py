@@ -4,12 +4,10 @@ The network learns ``scale x density``: true densities are tiny (about 0.01-0.5 
 output cell), so the targets are multiplied by ``scale`` (e.g. 100) before the squared error and
 predictions are divided by it again. A count is the sum of a density map.
 
-    history = fit(model, train_set, val_set, epochs=10, lr=1e-3, scale=100.0)
-
-``fit`` is the plain version a student reads. The product trainer (exact resume, several GPUs,
-time budget, weight averaging, checkpoints, the ``crowd train`` command) is
-:mod:`helpers.tools.trainer`; it calls :func:`train_step` for every batch and
-:func:`evaluate_counts` for validation. docs/training.md explains the choices.
+``fit(model, train_set, val_set, epochs=10, lr=1e-3, scale=100.0)`` is the plain loop a student
+reads; the product trainer (resume, GPUs, budget, checkpoints, ``crowd train``) is
+:mod:`helpers.tools.trainer`, which calls :func:`train_step` and :func:`evaluate_counts`.
+Point-supervised losses: :mod:`helpers.losses`. docs/training.md explains the choices.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from helpers.errors import CrowdError
+from helpers.samples import collate_points
 
 
 def density_loss(pred, target, scale=1.0, reduction="mean", count_weight=0.0):
@@ -59,21 +58,23 @@ def density_loss(pred, target, scale=1.0, reduction="mean", count_weight=0.0):
 
 
 def train_step(model, images, targets, optimizer, scaler=None, *, scale=1.0, reduction="mean",
-               count_weight=0.0, grad_clip=0.0, amp=False, loss_value_fn=None) -> float:
+               count_weight=0.0, grad_clip=0.0, amp=False, loss_value_fn=None, loss_fn=None) -> float:
     """One optimisation step: forward (mixed precision if amp), loss, backward, clip, step.
 
     Inputs:
     - model: nn.Module in train mode, on the device of images; its ``loss_output(x)`` is trained
       when it has one (CSRNet: the linear output before the ReLU), else ``model(x)``
     - images: float32 tensor (B, 3, H, W), normalised images, H and W multiples of 8
-    - targets: float32 tensor (B, 1, H/8, W/8), true people per output cell
+    - targets: float32 tensor (B, 1, H/8, W/8), true people per output cell; or, with loss_fn, a
+      list of B float32 tensors (N_b, 2) of head (x, y) in input pixels
     - optimizer: torch.optim.Optimizer over the model's parameters
     - scaler: torch.amp.GradScaler or None (None: plain backward and step)
     - scale, reduction, count_weight: passed to density_loss
     - grad_clip: float, largest allowed gradient norm (0 = no clipping)
     - amp: bool, run the forward pass under torch.autocast in float16
-    - loss_value_fn: None, or a function (scalar loss tensor) -> float giving the reported value
-      (the DDP trainer passes the mean over processes so that every process sees the same one)
+    - loss_value_fn: None, or (scalar loss tensor) -> float, the reported value (DDP: the mean over processes)
+    - loss_fn: None (density_loss), or a point loss (pred, targets) -> scalar tensor such as
+      helpers.losses.bayesian_loss; it gets pred = relu(output) / scale, people per cell
 
     Returns:
     - loss: float, the loss of this batch (before the step)
@@ -81,7 +82,10 @@ def train_step(model, images, targets, optimizer, scaler=None, *, scale=1.0, red
     forward = getattr(model, "loss_output", model)
     with torch.autocast(images.device.type, dtype=torch.float16, enabled=amp):
         pred = forward(images)
-    loss = density_loss(pred.float(), targets, scale, reduction, count_weight)
+    if loss_fn is None:
+        loss = density_loss(pred.float(), targets, scale, reduction, count_weight)
+    else:
+        loss = loss_fn(torch.relu(pred.float()) / scale, targets)
     value = float(loss.item()) if loss_value_fn is None else float(loss_value_fn(loss))
     if not math.isfinite(value):
         raise CrowdError(f"The training loss became {value}: training diverged. Lower the learning "
@@ -105,18 +109,18 @@ def train_step(model, images, targets, optimizer, scaler=None, *, scale=1.0, red
 
 def train_one_epoch(model, loader, optimizer, *, device, scaler=None, scheduler=None, scale=1.0,
                     reduction="mean", count_weight=0.0, grad_clip=0.0, amp=False,
-                    progress=True) -> float:
+                    progress=True, loss_fn=None) -> float:
     """Train for one pass over ``loader`` and return the mean batch loss.
 
     Inputs:
     - model: nn.Module (put in train mode here)
     - loader: iterable of (images, targets) batches: float32 (B, 3, H, W) normalised images and
-      float32 (B, 1, H/8, W/8) true people per output cell
+      float32 (B, 1, H/8, W/8) true people per output cell (or lists of points, see train_step)
     - optimizer: torch.optim.Optimizer over the model's parameters
     - device: torch.device or str the model is on; batches are moved there
     - scaler: torch.amp.GradScaler or None
     - scheduler: a learning-rate scheduler stepped after every batch, or None
-    - scale, reduction, count_weight, grad_clip, amp: passed to train_step
+    - scale, reduction, count_weight, grad_clip, amp, loss_fn: passed to train_step
     - progress: bool, show a tqdm progress bar
 
     Returns:
@@ -130,9 +134,9 @@ def train_one_epoch(model, loader, optimizer, *, device, scaler=None, scheduler=
     bar = tqdm(loader, desc="train", unit="batch", leave=False, disable=not progress)
     for images, targets in bar:
         images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        targets = targets.to(device) if torch.is_tensor(targets) else [t.to(device) for t in targets]
         loss = train_step(model, images, targets, optimizer, scaler, scale=scale, reduction=reduction,
-                          count_weight=count_weight, grad_clip=grad_clip, amp=amp)
+                          count_weight=count_weight, grad_clip=grad_clip, amp=amp, loss_fn=loss_fn)
         if scheduler is not None:
             scheduler.step()
         total += loss
@@ -184,7 +188,7 @@ def evaluate_counts(model, dataset, *, scale, device, amp=False) -> dict[str, An
 
 def fit(model, train_set, val_set, *, epochs=10, lr=1e-3, batch_size=8, scale=100.0,
         weight_decay=0.0, reduction="mean", count_weight=0.0, grad_clip=10.0, amp=False,
-        device=None, seed=0, progress=True,
+        device=None, seed=0, progress=True, loss_fn=None,
         callback: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
     """Train with Adam and a cosine learning-rate decay; validate after every epoch.
 
@@ -196,7 +200,8 @@ def fit(model, train_set, val_set, *, epochs=10, lr=1e-3, batch_size=8, scale=10
     - lr: float, initial learning rate (decays to lr / 100 at the last step)
     - batch_size: int, crops per batch
     - scale: float, the network learns scale x density
-    - weight_decay, reduction, count_weight, grad_clip: see density_loss and train_step
+    - weight_decay, reduction, count_weight, grad_clip, loss_fn: see density_loss and train_step
+      (a point loss needs train_set with targets="points")
     - amp: bool, mixed precision (CUDA only; ignored elsewhere)
     - device: torch.device, str or None (None: the model's device)
     - seed: int, seeds the sample order (augmentations depend on train_set's own seed and the epoch)
@@ -211,8 +216,9 @@ def fit(model, train_set, val_set, *, epochs=10, lr=1e-3, batch_size=8, scale=10
     model.to(device)
     amp = bool(amp and device.type == "cuda")
     generator = torch.Generator().manual_seed(int(seed))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                                         generator=generator)
+    points = getattr(train_set, "targets", "density") == "points"
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                                         collate_fn=collate_points if points else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     total_steps = max(1, epochs * len(loader))
@@ -226,7 +232,7 @@ def fit(model, train_set, val_set, *, epochs=10, lr=1e-3, batch_size=8, scale=10
         loss = train_one_epoch(model, loader, optimizer, device=device, scaler=scaler,
                                scheduler=scheduler, scale=scale, reduction=reduction,
                                count_weight=count_weight, grad_clip=grad_clip, amp=amp,
-                               progress=progress)
+                               progress=progress, loss_fn=loss_fn)
         val = evaluate_counts(model, val_set, scale=scale, device=device, amp=amp)
         row = {"epoch": epoch, "train_loss": loss, "val_mae": val["mae"], "val_rmse": val["rmse"],
                "val_bias": val["bias"], "lr": lr_used, "seconds": time.perf_counter() - started}

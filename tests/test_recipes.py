@@ -40,9 +40,13 @@ def test_recommended_config_full_and_quick(model, part, tmp_path, monkeypatch):
     assert quick == recommended_config(model, part, tmp_path / "run", quick=True)
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(quick, f.name) != getattr(full, f.name)}
     assert changed == set(QUICK[model]) - {k for k, v in QUICK[model].items() if getattr(full, k) == v}
-    # quick mode changes sizes and iteration counts only
-    assert changed <= {"max_fit", "max_val", "epochs", "crop", "batch_size", "warmup_epochs", "checkpoint_every"}
-    assert quick.max_fit <= 16 and quick.epochs <= 8
+    # quick mode changes sizes and iteration counts only (the resolution, with the initial output per
+    # cell scaled to it; the length of the weight average and of the recalibration; how often to validate)
+    assert changed <= {"max_fit", "max_val", "epochs", "crop", "batch_size", "warmup_epochs", "checkpoint_every",
+                       "resize", "model_kwargs", "val_every", "ema_decay", "bn_recalibrate"}
+    if "model_kwargs" in changed:
+        assert {k for k in quick.model_kwargs if quick.model_kwargs[k] != full.model_kwargs.get(k)} == {"init_output"}
+    assert quick.max_fit <= 16 and quick.epochs * -(-quick.max_fit // quick.batch_size) <= 256  # optimiser steps
     monkeypatch.delenv("CROWD_QUICK")
     assert recommended_config(model, part, tmp_path / "run", quick=True) == quick
 

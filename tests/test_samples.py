@@ -12,7 +12,7 @@ from PIL import Image
 from helpers.data import ImageRecord, list_records, load_example, take_evenly
 from helpers.density import DensityParams, density_map, downsample_density
 from helpers.models import IMAGENET_MEAN, IMAGENET_STD
-from helpers.samples import CrowdDataset, resample_density, sample_rng
+from helpers.samples import CrowdDataset, collate_points, resample_density, sample_rng
 from helpers.tools.folders import records_in_folder
 from helpers.tools.loading import ResumableSampler, make_loader
 
@@ -220,7 +220,7 @@ def test_in_memory_cache_gives_identical_samples(records):
     expected = 0
     for rec in records:
         h, w = load_example(rec).image.shape[:2]
-        expected += h * w * 3 + h * w * 4  # uint8 image + float32 density
+        expected += h * w * 3 + h * w * 4 + load_example(rec).count * 16  # uint8 image, float32 density, points
     assert cached.memory_bytes() == expected
     for epoch in range(2):
         for i in range(len(records)):
@@ -259,6 +259,70 @@ def test_loader_with_workers_matches_single_process(records):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+def _expected_points(record: ImageRecord, resize: float, plan, crop: int) -> np.ndarray:
+    """The heads of a training sample, computed here: resize and rescale (each axis by its exact
+    size ratio), shift by the crop corner, keep those inside the crop's image pixels, flip x."""
+    ex = load_example(record)
+    h, w = ex.image.shape[:2]
+    pts = ex.points.astype(np.float64)
+    for factor in (resize, plan.scale):
+        h2, w2 = max(1, round(h * factor)), max(1, round(w * factor))
+        pts = pts * [w2 / w, h2 / h]
+        h, w = h2, w2
+    hc, wc = min(crop, h - plan.top), min(crop, w - plan.left)
+    pts = pts - [plan.left, plan.top]
+    pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < wc) & (pts[:, 1] >= 0) & (pts[:, 1] < hc)]
+    if plan.flip:
+        pts[:, 0] = wc - pts[:, 0]
+    return pts
+
+
+@pytest.mark.parametrize("resize", [1.0, 0.75])
+def test_point_targets_follow_crops_flips_and_rescaling(records, resize):
+    crop = 48
+    kw = {"crop": crop, "rescale": (0.7, 1.3), "flip": True, "seed": 4, "resize": resize}
+    points = CrowdDataset(records, "train", targets="points", **kw)
+    dens = CrowdDataset(records, "train", **kw)
+    flips = set()
+    for i, rec in enumerate(records):
+        for epoch in range(6):
+            plan = points.plan(i, epoch)
+            assert plan == dens.plan(i, epoch)
+            image, pts = points[(epoch, i)]
+            assert pts.dtype == torch.float32 and pts.ndim == 2 and pts.shape[1] == 2
+            assert torch.equal(image, dens[(epoch, i)][0])  # the same pixels as the density sample
+            want = _expected_points(rec, resize, plan, crop)
+            order = np.lexsort(want.T)
+            got = pts.numpy()[np.lexsort(pts.numpy().T)]
+            np.testing.assert_allclose(got, want[order], rtol=0, atol=1e-4)  # float32 of <= 64 px
+            flips.add(plan.flip)
+            # the density target has the same heads, up to kernel mass cut at the crop border
+            # (a head inside keeps >= ~half of its kernel, one outside gives < half)
+            target = float(dens[(epoch, i)][1].sum())
+            assert abs(target - len(want)) <= 0.5 * max(1, len(want)) + 2, (i, epoch, target, len(want))
+    assert flips == {True, False}
+
+
+def test_point_targets_in_eval_mode_and_batches(records):
+    ds = CrowdDataset(records, "eval", targets="points", resize=0.5)
+    for i, rec in enumerate(records):
+        ex = load_example(rec)
+        h, w = ex.image.shape[:2]
+        h2, w2 = round(h * 0.5), round(w * 0.5)
+        image, pts = ds[i]
+        assert image.shape[1:] == (-(-h2 // 8) * 8, -(-w2 // 8) * 8) and len(pts) == ds.true_count(i)
+        np.testing.assert_allclose(pts.numpy(), ex.points * [w2 / w, h2 / h], rtol=1e-6)
+    train = CrowdDataset(records * 2, "train", crop=32, targets="points", seed=1)
+    images, points = collate_points([train[(0, 0)], train[(0, 1)]])
+    assert images.shape == (2, 3, 32, 32) and [len(p) for p in points] == [len(train[(0, k)][1]) for k in (0, 1)]
+    loader = make_loader(train, batch_size=2, shuffle=True, seed=1)
+    loader.sampler.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == 3 and all(isinstance(p, list) and len(p) == 2 for _, p in batches)
+    assert train.memory_bytes() == 0 and CrowdDataset(records, "train", targets="points",
+                                                      cache_in_memory=True)._load_base(0).density is None
+
+
 def test_bad_arguments(records):
     with pytest.raises(ValueError, match="multiple of the stride"):
         CrowdDataset(records, "train", crop=30)
@@ -266,6 +330,8 @@ def test_bad_arguments(records):
         CrowdDataset(records, "test")
     with pytest.raises(ValueError, match="rescale"):
         CrowdDataset(records, "train", rescale=(1.2, 0.8))
+    with pytest.raises(ValueError, match="targets"):
+        CrowdDataset(records, "train", targets="boxes")
 
 
 @pytest.mark.dataset

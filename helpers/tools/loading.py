@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from helpers.samples import CrowdDataset
+from helpers.samples import CrowdDataset, collate_points
 
 
 class ResumableSampler(DistributedSampler):
@@ -75,7 +75,8 @@ def make_loader(
 
     ``workers`` background processes (persistent across epochs) decode and augment; batches are
     pinned in page-locked memory when ``device`` is CUDA. With ``distributed`` the samples are
-    split between the ranks of the initialised process group. Call
+    split between the ranks of the initialised process group. A dataset with ``targets="points"``
+    gives batches of (images, list of point tensors). Call
     ``loader.sampler.set_epoch(epoch, start)`` before each epoch.
     """
     from torch.utils.data import DataLoader
@@ -102,6 +103,6 @@ def make_loader(
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker if workers > 0 else None,
         generator=generator,
-        collate_fn=_collate,
+        collate_fn=collate_points if getattr(dataset, "targets", "density") == "points" else _collate,
         drop_last=False,
     )

@@ -41,7 +41,8 @@ from helpers.train import evaluate_counts, train_step
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", "plateau", "none")
-LOSSES = ("mean", "sum")
+LOSSES = ("mse", "bayesian", "dm_count")  # pixel MSE on density maps, or a point loss (helpers.losses)
+REDUCTIONS = ("mean", "sum")
 HISTORY_COLUMNS = ("epoch", "step", "train_loss", "val_mae", "val_rmse", "lr", "seconds")
 QUICK_FIT, QUICK_VAL = 16, 6
 CHECKPOINT_FORMAT = 1
@@ -56,8 +57,8 @@ RUN_IDENTITY = (
     "model", "model_kwargs", "part", "batch_size", "crop", "resize", "flip", "rescale", "gray_prob",
     "density_method", "density_sigma", "optimizer", "lr", "momentum", "weight_decay", "scheduler",
     "warmup_epochs", "min_lr_ratio", "plateau_factor", "plateau_patience", "scale", "loss",
-    "count_loss_weight", "grad_clip", "seed", "val_every", "max_fit", "max_val", "amp",
-    "channels_last", "ema_decay", "bn_recalibrate",
+    "reduction", "loss_kwargs", "count_loss_weight", "grad_clip", "seed", "val_every", "max_fit", "max_val", "amp",
+    "channels_last", "ema_decay", "bn_recalibrate", "init",
 )  # fmt: skip
 
 
@@ -71,15 +72,22 @@ class TrainConfig:
     Data: ``part`` (A/B) of the dataset at ``data_root`` (default: CROWD_DATA, else the synthetic
     set); training on the ``fit`` split, validation on ``val`` (helpers.data). ``crop`` (px,
     multiple of 8) after ``resize``; ``flip``, ``rescale`` ``[low, high]`` and ``gray_prob``
-    augment. ``max_fit``/``max_val`` cap the number of images (None: all; quick mode: 16 / 6).
+    augment. ``max_fit``/``max_val`` cap the number of images (None: all; in quick mode 16 / 6
+    unless set, e.g. by a recipe).
 
     Optimisation: ``optimizer`` adam | sgd with ``lr`` (None: :data:`DEFAULT_LR`), ``momentum``
     (sgd), ``weight_decay`` (None: 0 for adam, 5e-4 for sgd); ``scheduler`` cosine | plateau |
-    none; ``scale`` multiplies targets; ``loss`` mean | sum;
-    ``count_loss_weight``; ``grad_clip`` (max gradient norm, 0 = off); ``ema_decay`` (weight
+    none; ``scale`` multiplies targets; ``loss`` mse (density maps) | bayesian | dm_count (head
+    points, :mod:`helpers.losses`, with ``loss_kwargs`` such as ``sigma``); ``reduction`` mean | sum
+    of the MSE; ``count_loss_weight`` (MSE only); ``grad_clip`` (max gradient norm, 0 = off); ``ema_decay`` (weight
     averaging for validation and ``best.pt``, 0 = off); ``bn_recalibrate`` (BatchNorm
     statistics recomputed on that many whole fit images before each validation, 0 = off); ``patience`` (stop after
     that many epochs without a better validation MAE, 0 = never); ``val_every`` (epochs).
+
+    Fine-tuning: ``init`` is a checkpoint (``best.pt``, a shipped model) whose weights a new run
+    starts from, instead of a fresh initialisation; it must hold the same network (``model``,
+    ``model_kwargs``) trained with the same ``scale``. A resumed run takes its weights from
+    ``last.pt`` as always.
 
     Run: ``out`` folder (None: ``runs/<model>_part<part>``); ``resume`` continues ``out/last.pt``;
     ``checkpoint_every`` optimiser steps (0: only at epoch ends); ``device`` (None: automatic);
@@ -92,6 +100,7 @@ class TrainConfig:
     # the model and the data
     model: str = "heatmap_cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
     part: str = "B"
     data_root: str | None = None
     epochs: int = 30
@@ -115,7 +124,9 @@ class TrainConfig:
     plateau_patience: int = 5
     # the loss, the weights kept, when to stop
     scale: float = 100.0
-    loss: str = "mean"
+    loss: str = "mse"
+    reduction: str = "mean"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
     count_loss_weight: float = 0.0
     grad_clip: float = 10.0
     ema_decay: float = 0.0
@@ -145,6 +156,9 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`; unknown keys (from another version) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
+        values = dict(values)
+        if values.get("loss") in REDUCTIONS and "reduction" not in values:  # before --reduction existed
+            values["reduction"], values["loss"] = values["loss"], "mse"
         return cls(**{k: v for k, v in dict(values).items() if k in names})
 
     def resolved(self) -> TrainConfig:
@@ -156,12 +170,15 @@ class TrainConfig:
         c.part = str(c.part).upper().removeprefix("PART_")
         c.optimizer = str(c.optimizer).lower()
         c.scheduler = str(c.scheduler).lower()
+        c.loss, c.loss_kwargs = str(c.loss).lower().replace("-", "_"), dict(c.loss_kwargs)
         checks = [
             (c.model in MODEL_NAMES, f"--model must be one of {', '.join(MODEL_NAMES)}, not {self.model!r}"),
             (c.part in ("A", "B"), f"--part must be A or B, not {self.part!r}"),
             (c.optimizer in OPTIMIZERS, f"--optimizer must be adam or sgd, not {self.optimizer!r}"),
             (c.scheduler in SCHEDULERS, f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}"),
-            (c.loss in LOSSES, f"--loss must be mean or sum, not {self.loss!r}"),
+            (c.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}"
+             + (f" (the MSE reduction is now --reduction {self.loss})" if self.loss in REDUCTIONS else "")),
+            (c.reduction in REDUCTIONS, f"--reduction must be mean or sum, not {self.reduction!r}"),
             (c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}"),
             (c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}"),
             (c.crop >= 8 and c.crop % 8 == 0, f"--crop must be a positive multiple of 8 (the output stride), got {c.crop}"),
@@ -192,6 +209,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise CrowdError(message)
+        point_loss(c)  # checks loss_kwargs
         if c.rescale is not None:
             if len(c.rescale) != 2 or not 0 < float(c.rescale[0]) <= float(c.rescale[1]):
                 raise CrowdError(f"--rescale takes LOW HIGH with 0 < LOW <= HIGH, got {c.rescale}")
@@ -204,6 +222,8 @@ class TrainConfig:
             c.weight_decay = DEFAULT_WEIGHT_DECAY[c.optimizer]
         if c.out is None:
             c.out = str(settings.runs_root() / f"{c.model}_part{c.part}")
+        if c.init is not None:
+            c.init = str(Path(c.init).expanduser().resolve())
         if settings.quick_mode():
             c.max_fit = QUICK_FIT if c.max_fit is None else c.max_fit
             c.max_val = QUICK_VAL if c.max_val is None else c.max_val
@@ -621,7 +641,7 @@ class _Run:
         self.n_fit, self.n_val = len(fit), len(val)
         common = {"density_params": DensityParams(method=cfg.density_method, sigma=cfg.density_sigma),
                   "resize": cfg.resize, "cache_in_memory": cfg.cache_in_memory,
-                  **_density_source()}
+                  "targets": "density" if cfg.loss == "mse" else "points", **_density_source()}
         train_set = CrowdDataset(fit, "train", crop=cfg.crop, flip=cfg.flip, rescale=cfg.rescale,
                                  gray_prob=cfg.gray_prob, seed=cfg.seed, **common)
         self.val_set = CrowdDataset(val, "eval", **common)
@@ -636,10 +656,13 @@ class _Run:
         from helpers.models import build_model
 
         cfg, d = self.cfg, self.d
-        # A resumed run gets all its weights from the checkpoint: no ImageNet download attempt.
-        model = build_model(cfg.model, **(cfg.model_kwargs if ckpt is None else _saved_kwargs(cfg)))
-        if ckpt is None and d.main and getattr(model, "frontend_pretrained", True) is False:
+        # A resumed or fine-tuned run gets all its weights from a checkpoint: no ImageNet download.
+        fresh = ckpt is None and cfg.init is None
+        model = build_model(cfg.model, **(cfg.model_kwargs if fresh else _saved_kwargs(cfg)))
+        if fresh and d.main and getattr(model, "frontend_pretrained", True) is False:
             print("note: the CSRNet frontend starts from random init (no ImageNet weights).")
+        if ckpt is None and cfg.init is not None:
+            load_init_weights(model, cfg, announce=d.main)
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -661,6 +684,7 @@ class _Run:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         self.scheduler = _make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.loss_fn = point_loss(cfg, stride=int(model.output_stride))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.use_amp)
 
     def _restore(self, ckpt: dict[str, Any]) -> _State:
@@ -837,11 +861,13 @@ class _Run:
                 images = images.to(self.device, non_blocking=True)
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                targets = targets.to(self.device, non_blocking=True)
+                targets = (targets.to(self.device, non_blocking=True) if torch.is_tensor(targets)
+                           else [t.to(self.device) for t in targets])  # point targets: a list per batch
                 self.lr_used = float(self.optimizer.param_groups[0]["lr"])
                 loss = train_step(self.net, images, targets, self.optimizer, self.scaler,
-                                  scale=cfg.scale, reduction=cfg.loss, count_weight=cfg.count_loss_weight,
-                                  grad_clip=cfg.grad_clip, amp=self.use_amp, loss_value_fn=self._loss_value)
+                                  scale=cfg.scale, reduction=cfg.reduction, count_weight=cfg.count_loss_weight,
+                                  grad_clip=cfg.grad_clip, amp=self.use_amp, loss_value_fn=self._loss_value,
+                                  loss_fn=self.loss_fn)
                 self._after_step(loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}")
@@ -940,6 +966,82 @@ class _Run:
                   f"step {state.step}; {val_text}. Continue with --resume (resume=True).", flush=True)
 
 
+def _effective_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments with the defaults filled in (without init-only ones such as pretrained)."""
+    import inspect
+
+    from helpers.models import CSRNet, HeatmapCNN
+    from helpers.tools.checkpoints import INIT_ONLY_KWARGS
+
+    cls = {"heatmap_cnn": HeatmapCNN, "csrnet": CSRNet}[name]
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in {**defaults, **kwargs}.items() if k not in INIT_ONLY_KWARGS}
+
+
+def load_init_weights(model: nn.Module, cfg: TrainConfig, announce: bool = True) -> None:
+    """Copy the weights of the checkpoint ``cfg.init`` into ``model`` (fine-tuning).
+
+    The checkpoint is read safely (:func:`helpers.tools.checkpoints.load_checkpoint`); it must
+    hold the network ``cfg`` builds (same model name and constructor arguments, every key and
+    shape) and have been trained with the same ``scale``, else :class:`CheckpointError` says
+    which settings to use.
+    """
+    from helpers.tools.checkpoints import check_state_dict, load_checkpoint, strip_prefix
+
+    path = cfg.init
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if not isinstance(ckpt.get("model"), dict) or "model_name" not in ckpt:
+        raise CheckpointError(f"--init {path} has no 'model' weights and 'model_name': it was not "
+                              "written by crowd train. Start from a run's best.pt or a shipped model.")
+    name, kwargs = str(ckpt["model_name"]), dict(ckpt.get("model_kwargs") or {})
+    if name not in ("heatmap_cnn", "csrnet"):
+        raise CheckpointError(f"--init {path} names an unknown model {name!r}.")
+    if name != cfg.model or _effective_kwargs(name, kwargs) != _effective_kwargs(cfg.model, _saved_kwargs(cfg)):
+        flags = " ".join([f"--model {name}"] + [f"--model-arg {k}={json.dumps(v)}" for k, v in kwargs.items()])
+        raise CheckpointError(f"--init {path} holds a {name} with {kwargs or 'default settings'}, but this run "
+                              f"builds a {cfg.model} with {_saved_kwargs(cfg) or 'default settings'}. "
+                              f"Fine-tune the same network: {flags}.")
+    scale = float(ckpt.get("scale", 1.0))
+    if scale != float(cfg.scale):
+        raise CheckpointError(f"--init {path} was trained with --scale {scale:g}, this run uses "
+                              f"--scale {cfg.scale:g}: its outputs would be off by that factor. "
+                              f"Fine-tune with --scale {scale:g}.")
+    state = strip_prefix(ckpt["model"])
+    check_state_dict(model, state, str(path), cfg.model)
+    model.load_state_dict(state)
+    if announce:
+        trained = dict(ckpt.get("config") or {})
+        note = ""
+        if float(trained.get("resize", cfg.resize) or 1.0) != float(cfg.resize):
+            note = (f" note: it was trained at --resize {trained.get('resize')}, this run uses "
+                    f"--resize {cfg.resize}; heads will look {cfg.resize / float(trained['resize']):.2g}x as large.")
+        print(f"fine-tuning: starting from the weights of {path} ({name}).{note}", flush=True)
+
+
+def point_loss(cfg: TrainConfig, stride: int = 8) -> Callable | None:
+    """The point loss of ``cfg.loss`` with ``cfg.loss_kwargs`` bound (None for ``mse``), for
+    :func:`helpers.train.train_step`'s ``loss_fn``; unknown or bad ``loss_kwargs`` raise CrowdError."""
+    import functools
+    import inspect
+
+    from helpers import losses
+
+    fn = {"bayesian": losses.bayesian_loss, "dm_count": losses.dm_count_loss}.get(cfg.loss)
+    if fn is None:
+        if cfg.loss_kwargs:
+            raise CrowdError(f"--loss-arg {sorted(cfg.loss_kwargs)} only applies to --loss bayesian or dm_count.")
+        return None
+    params = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in ("pred", "points", "stride")}
+    for key, value in cfg.loss_kwargs.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key not in params or not number or not (value >= 0 if key in ("background", "ot_weight", "tv_weight")
+                                                   else value > 0) or (type(params[key]) is int and type(value) is not int):
+            raise CrowdError(f"--loss-arg {key}={value!r}: --loss {cfg.loss} takes {', '.join(sorted(params))} "
+                             "(positive numbers; iters an integer; background and the weights may be 0).")
+    return functools.partial(fn, stride=stride, **cfg.loss_kwargs)
+
+
 def _density_source() -> dict[str, Any]:
     """How the datasets get full-resolution density maps: from the HDF5 cache of the tools."""
     from helpers.tools.cache import load_density
@@ -968,7 +1070,9 @@ EPILOG = """examples:
     crowd train --out runs/hm_B --resume [--epochs 50]
   CSRNet with the paper's optimiser (unscaled densities, summed loss, batch 1):
     crowd train --model csrnet --part A --epochs 400 --optimizer sgd --lr 1e-7 \\
-        --scale 1 --loss sum --batch-size 1 --out runs/csrnet_A
+        --scale 1 --reduction sum --batch-size 1 --out runs/csrnet_A
+  learn from the head points (no Gaussian ground truth) with the Bayesian loss or DM-Count:
+    crowd train --part B --resize 0.5 --loss bayesian --loss-arg sigma=4 --out runs/hm_B_bayes
   two GPUs (--batch-size is per process):
     torchrun --nproc_per_node=2 -m helpers train --model csrnet --part B --out runs/csrnet_B
 """
@@ -985,6 +1089,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--model-arg", action="append", type=key_value_arg, metavar="KEY=VALUE",
       help="model constructor argument, e.g. width=16 (heatmap_cnn) or batch_norm=true (csrnet); repeatable")
     a("--pretrained", help="csrnet frontend weights: imagenet (default), none, or a .pth path")
+    a("--init", metavar="CHECKPOINT", help="fine-tune: start from the weights of this checkpoint (a "
+      "run's best.pt or a shipped model; same --model, --model-arg and --scale)")
     a("--part", help="ShanghaiTech part A or B (default B)")
     a("--data-root", help="dataset root (default: CROWD_DATA, else the synthetic set)")
     a("--epochs", type=int, help="total number of epochs (default 30)")
@@ -1009,7 +1115,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--plateau-patience", type=int, metavar="N",
       help="plateau: after N epochs without a better validation MAE (default 5)")
     a("--scale", type=float, help="density scale factor for the loss (default 100)")
-    a("--loss", choices=list(LOSSES), help="MSE averaged over pixels (mean, default) or summed (sum)")
+    a("--loss", choices=list(LOSSES), help="mse on Gaussian density maps (default), or a loss on the head "
+      "points: bayesian (Ma et al. 2019, Bayesian+) or dm_count (Wang et al. 2020)")
+    a("--reduction", choices=list(REDUCTIONS), help="mse: averaged over pixels (mean, default) or summed (sum)")
+    a("--loss-arg", action="append", type=key_value_arg, metavar="KEY=VALUE",
+      help="point-loss setting, e.g. sigma=4 or background=0.5 (bayesian), eps=2.5 (dm_count); repeatable")
     a("--count-loss-weight", type=float, help="weight of the squared count error term (default 0)")
     a("--grad-clip", type=float, help="max gradient norm, 0 = off (default 10)")
     a("--ema-decay", type=float, help="validate and keep an average of the weights, e.g. 0.99; 0 = off (default)")
@@ -1059,6 +1169,8 @@ def config_to_argv(config: TrainConfig) -> list[str]:
             raise CrowdError(f"{name}=None has no crowd train option; leave it at its default.")
         else:
             argv += [flag, *(map(repr, value) if isinstance(value, list) else [_arg_text(value)])]
+    for key, value in values["loss_kwargs"].items():
+        argv += ["--loss-arg", f"{key}={_arg_text(value, as_json=True)}"]
     for key, value in values["model_kwargs"].items():
         if key == "pretrained" and (value is None or isinstance(value, str)):
             argv += ["--pretrained", "none" if value is None else value]
@@ -1085,7 +1197,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge command-line options over the defaults (or, with --resume, over the stored run)."""
     from helpers.tools.checkpoints import load_checkpoint
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model_arg", "pretrained", "json")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("model_arg", "loss_arg", "pretrained", "json")}
     given["resume"] = bool(args.resume)
     base = TrainConfig()
     if args.resume:
@@ -1106,6 +1219,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.pretrained is not None:
         kwargs["pretrained"] = None if args.pretrained.lower() == "none" else args.pretrained
     values["model_kwargs"] = kwargs
+    same_loss = "loss" not in given or str(given["loss"]).lower() == str(base.loss).lower()
+    values["loss_kwargs"] = {**(base.loss_kwargs if same_loss else {}), **dict(getattr(args, "loss_arg", None) or [])}
     return TrainConfig.from_dict(values)
 
 
