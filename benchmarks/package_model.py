@@ -96,7 +96,12 @@ def training_command(accuracy: dict[str, Any], part: str) -> str:
     if accuracy.get("threads") is not None:
         args += ["--threads", str(accuracy["threads"])]
     args += ["--out", str(accuracy["out"])]
-    settings = accuracy.get("settings") or {}
+    from helpers.tools.trainer import TrainConfig
+
+    raw = accuracy.get("settings") or {}
+    # read like a run's config.json: settings of older versions take today's names (loss -> reduction)
+    keys = set(raw) | ({"reduction"} if "loss" in raw else set())
+    settings = {k: v for k, v in TrainConfig.from_dict(raw).to_dict().items() if k in keys}
     recipe = recommended_config("heatmap_cnn", part, accuracy["out"], quick=False,
                                 max_minutes=accuracy["minutes"]).resolved().to_dict()
     for key in sorted(settings):
@@ -231,7 +236,7 @@ def model_card(manifest: dict[str, Any]) -> str:
         "model street scenes from a fixed height. Use the model of the part that looks like your photo.",
         "- Heads much larger or smaller than in its training images (close-ups, a very different "
         "camera height or resolution), indoor scenes, night, and drawings are outside what it saw.",
-        "- It is small and trained on a CPU for about an hour: CSRNet (notebook 04) is more accurate.", "",
+        "- It is small and was trained on a CPU in under an hour: CSRNet (notebook 04) is more accurate.", "",
         "## Licence of the data",
         "ShanghaiTech (Zhang et al., CVPR 2016) is released for research use only. The models were "
         "trained on it for this teaching project; the images are not redistributed here. Get the "

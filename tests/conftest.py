@@ -72,3 +72,13 @@ def isolated_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CROWD_CACHE", str(home / "build" / "cache"))
     monkeypatch.delenv("CROWD_DATA", raising=False)
     return home
+
+
+@pytest.fixture()
+def figures(tmp_path, monkeypatch):
+    """CROWD_HOME in a temporary folder; yields where figures must appear. Closes all figures."""
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("CROWD_HOME", str(tmp_path))
+    yield tmp_path / "report" / "figures"
+    plt.close("all")

@@ -70,12 +70,50 @@ def test_every_command_in_the_text_parses():
 
 
 def test_the_recipe_command_in_the_text_is_the_recipe():
-    """The command the text gives for the recipe (part A, runs/csrnet_A) is the recipe."""
+    """The command the text gives for the recipe (the series' part B, runs/csrnet_B) is the recipe."""
     recipe = [argv for argv in shown_train_commands()
-              if "--model" in argv and argv[argv.index("--out") + 1] == "runs/csrnet_A"]
+              if "--model" in argv and argv[argv.index("--out") + 1] == "runs/csrnet_B"]
     assert len(recipe) == 1, recipe
-    expected = recipes.recommended_config("csrnet", "A", "runs/csrnet_A", quick=False)
+    expected = recipes.recommended_config("csrnet", "B", "runs/csrnet_B", quick=False)
     assert _parse(recipe[0]).to_dict() == expected.to_dict()
+    # the other full-recipe commands of the text (4 GPUs, a CPU budget) train the same recipe
+    for argv in shown_train_commands():
+        if "--model" in argv and argv is not recipe[0]:
+            parsed = _parse(argv).to_dict()
+            for key, value in expected.to_dict().items():
+                if key not in ("out", "max_minutes"):
+                    assert parsed[key] == value, (argv, key)
+
+
+def test_settings_cell_defaults_to_part_b_and_names_runs_with_run_folder():
+    """The series' default path: a settings cell (QUICK, PART = "B") after the Colab cell, and the run
+    folders come from recipes.run_folder (mode and data in the name), so 05 finds this CSRNet."""
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    settings = code[1]  # code[0] is the Colab setup cell
+    assert 'QUICK = True' in settings and 'PART = "B"' in settings
+    assert "config.use_settings(quick=QUICK)" in settings and 'report.plan_markdown("04")' in settings
+    assert not any("config.quick_mode()" in c for c in code), "QUICK comes from the settings cell"
+    assert sum(bool(re.search(r"^\s*PART\s*=", c, re.M)) for c in code) == 1, "PART is set only in the settings cell"
+    joined = "\n".join(code)
+    assert 'RUN_DIR = recipes.run_folder("csrnet", PART, source)' in joined
+    assert "runs_root() /" not in joined, "run folders come from recipes.run_folder"
+    assert joined.count('recipes.run_folder("csrnet", PART, source, tag=') == 1  # the comparison runs
+    text = "\n".join(_cells("markdown"))
+    assert "Part A\nMAE 68.2, Part B MAE 10.6" in text or "Part A MAE 68.2, Part B 10.6" in text
+    assert "--resume" in text and "disconnect" in text and "Drive" in text
+
+
+def test_comparison_runs_and_the_main_run_never_share_a_folder(tmp_path):
+    from helpers.data import DataSource
+
+    for synthetic in (False, True):
+        source = DataSource(tmp_path, synthetic=synthetic, origin="test")
+        for quick in (False, True):
+            folders = [recipes.run_folder("csrnet", "B", source, quick=quick, root=tmp_path, tag=tag)
+                       for tag in ("", "compare_imagenet", "compare_random", "4gpu")]
+            assert len(set(folders)) == 4 and all(f.parent == tmp_path for f in folders)
+            assert folders[0].name == "csrnet_B" + ("_synthetic" if synthetic else "") + ("_quick" if quick else "")
 
 
 def test_help_lists_the_options_the_notebook_uses():

@@ -180,3 +180,56 @@ def test_points_figure_draws_greedy_and_one_to_one_matchings():
         assert f"F1 {f1}" in ax.get_title(), ax.get_title()
         plain = viz_evaluation.points_figure(canvas, pred_pts, true_pts, radius=6.0, method=method)
         assert len(plain.axes[0].lines) == 0 and f"F1 {f1}" in plain.axes[0].get_title()
+
+
+# --------------------------------------------------------------------------- issue 13: one path, widgets 7 and 8
+
+
+def _code_cells(path: Path) -> list[str]:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("path", [NOTEBOOK_05, NOTEBOOK_06], ids=["05", "06"])
+def test_notebook_opens_with_the_settings_cell(path):
+    """The first cell after the Colab cell a student edits: QUICK, PART, use_settings, the plan."""
+    code = _code_cells(path)
+    settings = code[1]
+    number = path.name[:2]
+    assert re.search(r"^QUICK = True\b", settings, re.M) and re.search(r'^PART = "B"', settings, re.M)
+    assert "QUICK = config.use_settings(quick=QUICK)" in settings
+    assert f'report.plan_markdown("{number}")' in settings
+    rest = "\n".join(code[2:])
+    assert "config.quick_mode()" not in rest and not re.search(r"^(QUICK|PART) = ", rest, re.M)
+
+
+def test_notebook_05_evaluates_every_run_of_every_part():
+    """Issue 13 §1: 05 scores every trained run of every part (one table per part), says when a
+    model is borrowed, checks that the two models of 03 and 04 are in Part B's table, and browses
+    the test predictions sorted by error."""
+    code = "\n".join(_code_cells(NOTEBOOK_05))
+    for call in ("evaluate.choose_runs(source, all_runs=ALL_RUNS)", "evaluate.evaluate_runs(chosen",
+                 "evaluate.part_tables(", "report.fallback_banner(part_runs, part)",
+                 "viz_browser.PredictionBrowser(", "evaluate.CheckpointPredictor(best_run.path)"):
+        assert call in code, call
+    assert '{"heatmap_cnn", "csrnet"} <= own_models' in code  # the check cell of the two-model table
+    assert "evaluate.evaluate_checkpoint(" not in code and "runs.ensure_checkpoint(" not in code
+    assert "checksum" in _markdown(NOTEBOOK_05)
+
+
+def test_notebook_06_chooses_a_real_model_and_uploads_on_both_widget_versions():
+    """Issue 13 §2, §3, §8: models_to_show, a banner for a borrowed model, uploads through
+    save_upload / clear_upload (never assigning a FileUpload's value, read-only on ipywidgets 7),
+    Colab's own upload behind a setting called from a cell, and path boxes through user_path."""
+    cells = _code_cells(NOTEBOOK_06)
+    code = "\n".join(cells)
+    assert "runs.models_to_show(PART, source)" in code and "report.fallback_banner([chosen_run], PART)" in code
+    assert "runs.save_upload(upload)" in code and "runs.clear_upload(upload)" in code
+    assert not re.search(r"upload\.value\s*=[^=]", code)
+    assert re.search(r"^COLAB_UPLOAD = False\b", code, re.M)
+    colab = [c for c in cells if "runs.colab_upload()" in c]
+    assert len(colab) == 1 and "def " not in colab[0] and "on_click" not in colab[0]
+    assert colab[0].startswith("if COLAB_UPLOAD and runs.in_colab():")
+    assert code.count("config.user_path(") == 2  # the checkpoint box and the image box
+    assert ".value.strip()" not in code and "Path(typed)" not in code
+    assert "checksum" in _markdown(NOTEBOOK_06)

@@ -241,3 +241,21 @@ def test_browser_with_ipywidgets_7(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_a_saved_figure_shows_once_with_its_caption_in_a_real_kernel(tmp_path):
+    """The figure is the cell's value and still open at the end of the cell: shown once, not twice."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    code = ("%matplotlib inline\nimport os\nos.environ['CROWD_HOME'] = " + repr(str(tmp_path)) + "\n"
+            "from helpers.viz.common import new_figure, save_figure\n"
+            "fig, ax = new_figure()\nax.plot([0, 1], [0, 1])\n"
+            "save_figure(fig, '01_count_histograms')\nfig")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[0].outputs
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    captions = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert len(images) == 1, outputs
+    assert len(captions) == 1 and captions[0].startswith("**Figure `01_count_histograms`.**")

@@ -10,32 +10,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from figure_checks import assert_saved, colorbar_labels  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from helpers.analysis import diagnostics as insp  # noqa: E402
 from helpers.analysis.diagnostics import effective_kernel, stacked_taps  # noqa: E402
 from helpers.models import HeatmapCNN, receptive_field  # noqa: E402
 from helpers.viz import models as vm  # noqa: E402
-
-
-@pytest.fixture()
-def figures(tmp_path, monkeypatch):
-    """CROWD_HOME in a temporary folder; yields where figures must appear. Closes all figures."""
-    monkeypatch.setenv("CROWD_HOME", str(tmp_path))
-    yield tmp_path / "report" / "figures"
-    plt.close("all")
-
-
-def assert_saved(folder, name):
-    for ext in ("png", "pdf"):
-        path = folder / f"{name}.{ext}"
-        assert path.is_file() and path.stat().st_size > 1000, f"{path} missing or empty"
-    assert (folder / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (folder / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
-
-
-def colorbar_labels(fig) -> list[str]:
-    return [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ class QuantizedDensityNet(nn.Module):
     Built by :func:`quantize_int8` from the network's layers (``body``: its feature layers in
     order). With ``float_stem`` the layers up to the first ReLU stay float32 (the ``stem``;
     otherwise it is empty): a little more accurate, but at full resolution the first layer is a
-    large part of the cost and the speed-up drops (HeatmapCNN: 7x -> 2x). Takes and returns float
+    large part of the cost, so the speed-up drops, most for the small HeatmapCNN. Takes and returns float
     tensors like the original network (``(B, 3, H, W)`` normalised image -> ``(B, 1, H/8, W/8)``
     density x scale).
     """

@@ -78,9 +78,13 @@ def save_figure(fig, name: str, folder: str | Path | None = None) -> list[Path]:
 
 
 def _display_with_caption(fig, caption: str) -> None:
+    """Show ``fig`` and its caption once: the figure is closed afterwards, so the inline backend's
+    end-of-cell display does not show it a second time when it was also the cell's value."""
+    import matplotlib.pyplot as plt
     from IPython.display import Image, Markdown, display
 
     display(Image(data=figure_png(fig, dpi=fig.dpi, close=False), format="png"), Markdown(caption))
+    plt.close(fig)
 
 
 def _caption_under(fig, stem: str) -> None:
