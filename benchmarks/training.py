@@ -120,7 +120,7 @@ def bench_model(model_name: str, part: str, root: str, n_images: int, steps: int
     crop = int(crop or cfg.crop)
     resize = float(resize if resize is not None else DEFAULT_RESIZE.get(model_name, cfg.resize))
     bs, workers = int(cfg.batch_size), int(cfg.workers or 0)
-    params = DensityParams(method=cfg.density_method, sigma=cfg.density_sigma)
+    params = DensityParams(method=cfg.density_method, sigma=cfg.resolved().density_sigma)
     records = take_evenly(list_records(part, "fit", root), n_images)
     for r in records:  # make sure the HDF5 files exist (not timed)
         load_density(r, params)

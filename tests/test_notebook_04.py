@@ -46,15 +46,16 @@ def shown_train_commands() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 @pytest.mark.parametrize("part", ["A", "B"])
-def test_recipe_command_line_gives_the_recipe(part, quick):
-    cfg = recipes.recommended_config("csrnet", part, f"runs/csrnet_{part}", quick=quick)
+def test_recipe_command_line_gives_the_recipe(part, quick, kind):
+    cfg = recipes.recommended_config("csrnet", part, f"runs/csrnet_{part}", quick=quick, kind=kind)
     argv = trainer.config_to_argv(cfg)
     parsed = _parse(argv)
     assert parsed.to_dict() == cfg.to_dict()
     # independent of config_to_argv's own round trip: the recipe's table, field by field
-    for key, value in recipes.recipe_settings("csrnet", part, quick=quick).items():
+    for key, value in recipes.recipe_settings("csrnet", part, quick=quick, kind=kind).items():
         assert getattr(parsed, key) == value, key
     assert parsed.model == "csrnet" and parsed.part == part
 
@@ -69,20 +70,39 @@ def test_every_command_in_the_text_parses():
     assert any("--resume" in c for c in flat) and any("--max-minutes" in c for c in flat)
 
 
-def test_the_recipe_command_in_the_text_is_the_recipe():
-    """The command the text gives for the recipe (the series' part B, runs/csrnet_B) is the recipe."""
-    recipe = [argv for argv in shown_train_commands()
-              if "--model" in argv and argv[argv.index("--out") + 1] == "runs/csrnet_B"]
-    assert len(recipe) == 1, recipe
-    expected = recipes.recommended_config("csrnet", "B", "runs/csrnet_B", quick=False)
-    assert _parse(recipe[0]).to_dict() == expected.to_dict()
-    # the other full-recipe commands of the text (4 GPUs, a CPU budget) train the same recipe
-    for argv in shown_train_commands():
-        if "--model" in argv and argv is not recipe[0]:
-            parsed = _parse(argv).to_dict()
-            for key, value in expected.to_dict().items():
-                if key not in ("out", "max_minutes"):
-                    assert parsed[key] == value, (argv, key)
+def test_the_recipe_commands_in_the_text_are_the_recipes():
+    """The commands the text gives for the recipes (part B: runs/csrnet_B_gpu for the GPU recipe,
+    runs/csrnet_B for the CPU one) are the recipes; every other full command trains one of them."""
+    commands = shown_train_commands()
+    expected = {kind: recipes.recommended_config("csrnet", "B", out, quick=False, kind=kind)
+                for kind, out in (("gpu", "runs/csrnet_B_gpu"), ("cpu", "runs/csrnet_B"))}
+    for kind, cfg in expected.items():
+        shown = [argv for argv in commands if "--model" in argv and argv[argv.index("--out") + 1] == cfg.out]
+        assert len(shown) == 1, (kind, shown)
+        assert _parse(shown[0]).to_dict() == cfg.to_dict()
+    # the other full-recipe commands of the text (4 GPUs, a CPU budget, the point loss) train the
+    # recipe named by their folder, except for the settings they change on purpose
+    others = [argv for argv in commands if "--model" in argv
+              and argv[argv.index("--out") + 1] not in ("runs/csrnet_B_gpu", "runs/csrnet_B")]
+    assert len(others) >= 3, others
+    for argv in others:
+        parsed = _parse(argv).to_dict()
+        base = expected["gpu" if "_gpu" in argv[argv.index("--out") + 1] else "cpu"].to_dict()
+        free = {"out", "max_minutes"} | ({"loss", "loss_kwargs"} if "--loss" in argv else set())
+        for key, value in base.items():
+            if key not in free:
+                assert parsed[key] == value, (argv, key)
+        if "--loss" in argv:  # the point loss with the length the recipe gives it at full resolution
+            point = recipes.recommended_config("csrnet", "B", "x", quick=False, kind="gpu", loss=parsed["loss"])
+            assert parsed["loss_kwargs"] == point.loss_kwargs
+
+
+def test_the_text_and_the_training_cell_say_which_recipe_runs():
+    code = "\n".join(_cells("code"))
+    assert 'recipes.choose_recipe("csrnet")' in code
+    assert "RECIPE.upper()} recipe ({RECIPE_REASON})" in code  # "GPU recipe (CUDA found)" / "CPU recipe (no GPU)"
+    text = "\n".join(_cells("markdown"))
+    assert "GPU recipe" in text and "not measured here" in text and "69.3" in text
 
 
 def test_settings_cell_defaults_to_part_b_and_names_runs_with_run_folder():

@@ -10,9 +10,10 @@
     cfg = recommended_config("heatmap_cnn", "B", "runs/hm_B_bayes", loss="bayesian")  # point loss
     result = train(cfg)
 
-Full mode is tuned for a small CPU (2 cores, no GPU) and a budget of tens of minutes; quick mode
-(``CROWD_QUICK=1``) is a smoke run of one to two minutes. Why each setting was chosen, with the
-validation numbers behind it, is in docs/training.md ("Recipes").
+Full mode is tuned for a small CPU (2 cores, no GPU) and a budget of tens of minutes; CSRNet also
+has a CUDA recipe (:data:`GPU`: full resolution, sized to a Colab session), chosen when the device
+is a CUDA GPU (:func:`choose_recipe`). Quick mode (``CROWD_QUICK=1``) is a smoke run of one to two
+minutes on the same code path. Why each setting was chosen is in docs/training.md ("Recipes").
 """
 
 from __future__ import annotations
@@ -56,6 +57,26 @@ FULL: dict[tuple[str, str], dict[str, Any]] = {
     },
 }  # fmt: skip
 
+#: CUDA recipes (a Colab T4 or better): CSRNet as the C^3 Framework reproduction trains it (Adam 1e-5,
+#: weight decay 1e-4, targets x100, pixel-mean MSE, full resolution, ImageNet weights), on a cosine
+#: schedule sized to one Colab session, with AMP and a time budget per call (resume on the next
+#: session). Expected numbers: published, unmeasured here (docs/training.md, "CSRNet on a GPU").
+GPU: dict[tuple[str, str], dict[str, Any]] = {
+    ("csrnet", "B"): {
+        "model_kwargs": {"pretrained": "imagenet"}, "resize": 1.0, "crop": 512, "batch_size": 4,
+        "epochs": 100, "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-4, "scale": 100.0,
+        "reduction": "mean", "scheduler": "cosine", "warmup_epochs": 1.0, "flip": True, "rescale": None,
+        "grad_clip": 10.0, "amp": True, "cache_in_memory": True, "max_minutes": 150.0,
+    },
+    ("csrnet", "A"): {
+        "model_kwargs": {"pretrained": "imagenet"}, "resize": 1.0, "crop": 384, "batch_size": 4,
+        "epochs": 200, "optimizer": "adam", "lr": 1e-5, "weight_decay": 1e-4, "scale": 100.0,
+        "reduction": "mean", "scheduler": "cosine", "warmup_epochs": 1.0, "flip": True, "rescale": None,
+        "grad_clip": 10.0, "amp": True, "cache_in_memory": True, "max_minutes": 150.0,
+    },
+}  # fmt: skip
+RECIPE_KINDS = ("cpu", "gpu")
+
 #: Quick-mode changes applied over the full settings (sizes and iteration counts only).
 QUICK: dict[str, dict[str, Any]] = {
     # 256 steps on 16 images at quarter resolution (init_output x 4: a cell covers 4x the area),
@@ -88,33 +109,66 @@ def _norm_part(part: str) -> str:
     return str(part).strip().upper().removeprefix("PART_")
 
 
-def recipe_settings(model: str, part: str, quick: bool | None = None) -> dict[str, Any]:
-    """The recipe's TrainConfig fields (a fresh dict) for ``model`` on ``part``."""
-    key = (_norm_model(model), _norm_part(part))
-    if key not in FULL:
-        models = sorted({m for m, _ in FULL})
+def choose_recipe(model: str, device: str | None = None) -> tuple[str, str]:
+    """Which recipe trains ``model`` here: ``("gpu", reason)`` or ``("cpu", reason)``.
+
+    The GPU recipe when ``model`` has one (:data:`GPU`) and the device is CUDA
+    (:func:`helpers.config.pick_device` of ``device``: CROWD_DEVICE, else automatic); the CPU
+    recipe otherwise. ``reason`` says why, e.g. ``"CUDA found"`` or ``"no GPU"``.
+    """
+    found = settings.pick_device(device)
+    has_gpu_recipe = any(m == _norm_model(model) for m, _ in GPU)
+    if found.type == "cuda":
+        if has_gpu_recipe:
+            return "gpu", "CUDA found"
+        return "cpu", f"CUDA found, but {_norm_model(model)} has only the CPU recipe"
+    return "cpu", "no GPU" if found.type == "cpu" else f"{found.type} device, not CUDA"
+
+
+def _check_kind(kind: str) -> str:
+    kind = str(kind).strip().lower()
+    if kind not in RECIPE_KINDS:
+        raise CrowdError(f"recipe kind must be cpu or gpu, not {kind!r}")
+    return kind
+
+
+def recipe_settings(model: str, part: str, quick: bool | None = None, kind: str = "cpu") -> dict[str, Any]:
+    """The recipe's TrainConfig fields (a fresh dict) for ``model`` on ``part``.
+
+    ``kind``: ``"cpu"`` (:data:`FULL`) or ``"gpu"`` (:data:`GPU`, CUDA); quick mode shrinks
+    either with :data:`QUICK`.
+    """
+    key, table = (_norm_model(model), _norm_part(part)), GPU if _check_kind(kind) == "gpu" else FULL
+    if key not in table:
+        models = sorted({m for m, _ in table})
         raise CrowdError(
-            f"No recipe for model {model!r} on part {part!r}: models are {', '.join(models)}, parts A and B."
+            f"No recipe for model {model!r} on part {part!r} ({kind.lower()} recipes: models "
+            f"{', '.join(models)}, parts A and B)."
         )
-    values = copy.deepcopy(FULL[key])
+    values = copy.deepcopy(table[key])
     if settings.quick_mode() if quick is None else quick:
         values.update(copy.deepcopy(QUICK[key[0]]))
     return values
 
 
 def recommended_config(model: str, part: str, out: str | Path, *, quick: bool | None = None,
-                       **overrides: Any) -> TrainConfig:
+                       kind: str | None = None, **overrides: Any) -> TrainConfig:
     """The recommended :class:`helpers.tools.trainer.TrainConfig` for ``model`` on ShanghaiTech ``part``.
 
     ``out`` is the run folder. ``quick`` (None: ``CROWD_QUICK``) gives the smoke-run version.
+    ``kind`` ``"gpu"`` or ``"cpu"`` picks the recipe; None chooses by device
+    (:func:`choose_recipe` of ``overrides["device"]``, else automatic: the GPU recipe on CUDA).
     ``overrides`` set any other TrainConfig field (``epochs=10``, ``max_minutes=5``,
-    ``resume=True``, ...); an unknown name raises :class:`CrowdError`. With ``loss="bayesian"`` or
-    ``"dm_count"`` (learning from the head points) and no ``loss_kwargs``, the loss's lengths are
-    the papers' scaled to the recipe's resolution (:func:`point_loss_kwargs`).
+    ``resume=True``, ``device="cpu"``, ...); an unknown name raises :class:`CrowdError`. With
+    ``loss="bayesian"`` or ``"dm_count"`` (learning from the head points) and no ``loss_kwargs``,
+    the loss's lengths are the papers' scaled to the recipe's resolution (:func:`point_loss_kwargs`).
+    Mixed precision (``amp``) only takes effect on CUDA: the trainer runs float32 elsewhere.
     """
     from helpers.tools.trainer import TrainConfig
 
-    values = recipe_settings(model, part, quick)
+    if kind is None:
+        kind = choose_recipe(model, overrides.get("device"))[0]
+    values = recipe_settings(model, part, quick, kind)
     values.update(model=_norm_model(model), part=_norm_part(part), out=str(Path(out).expanduser()))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
@@ -130,13 +184,15 @@ def recommended_config(model: str, part: str, out: str | Path, *, quick: bool | 
     return TrainConfig(**values)
 
 
-def run_name(model: str, part: str, source=None, *, quick: bool | None = None, tag: str = "") -> str:
-    """The name of a run folder: ``<model>_<part>[_<tag>][_synthetic][_quick]``.
+def run_name(model: str, part: str, source=None, *, quick: bool | None = None, tag: str = "",
+             kind: str | None = None) -> str:
+    """The name of a run folder: ``<model>_<part>[_<tag>][_gpu][_synthetic][_quick]``.
 
     The data (``_synthetic`` when ``source``, a :class:`helpers.data.DataSource`, is the synthetic
-    set; default: :func:`helpers.data.resolve_data_source`) and the mode (``_quick`` when
-    ``quick``, default ``CROWD_QUICK``) are part of the name, so a quick run, a full run and a run
-    on other data never share a folder (the trainer refuses to resume a run with other settings).
+    set; default: :func:`helpers.data.resolve_data_source`), the recipe (``_gpu`` for the GPU
+    recipe; ``kind`` None: :func:`choose_recipe`) and the mode (``_quick`` when ``quick``, default
+    ``CROWD_QUICK``) are part of the name, so runs with other settings never share a folder (the
+    trainer refuses to resume a run with other settings).
     """
     if source is None:
         from helpers.data import resolve_data_source
@@ -147,19 +203,20 @@ def run_name(model: str, part: str, source=None, *, quick: bool | None = None, t
         raise CrowdError(f"part must be A or B, got {part!r}")
     tag = str(tag).strip().strip("_")
     quick = settings.quick_mode() if quick is None else bool(quick)
-    return "_".join([model, part] + ([tag] if tag else []) + (["synthetic"] if source.synthetic else [])
-                    + (["quick"] if quick else []))
+    gpu = _check_kind(kind if kind is not None else choose_recipe(model)[0]) == "gpu"
+    return "_".join([model, part] + ([tag] if tag else []) + (["gpu"] if gpu else [])
+                    + (["synthetic"] if source.synthetic else []) + (["quick"] if quick else []))
 
 
 def run_folder(model: str, part: str, source=None, *, quick: bool | None = None, tag: str = "",
-               root: str | Path | None = None) -> Path:
+               root: str | Path | None = None, kind: str | None = None) -> Path:
     """The run folder of ``model`` on ``part``: ``runs/`` + :func:`run_name` (``runs/heatmap_cnn_B_quick``).
 
     The one place the notebooks name their runs. ``root``: the runs folder (default
-    :func:`helpers.config.runs_root`).
+    :func:`helpers.config.runs_root`); ``kind``: the recipe (None: :func:`choose_recipe`).
     """
     base = Path(root).expanduser() if root is not None else settings.runs_root()
-    return base / run_name(model, part, source, quick=quick, tag=tag)
+    return base / run_name(model, part, source, quick=quick, tag=tag, kind=kind)
 
 
 def epochs_for_budget(n_images: int, batch_size: int, minutes: float, steps_per_second: float,

@@ -771,30 +771,30 @@ def _times(cpu_quick: str, cpu_full: str, gpu_quick: str, gpu_full: str,
                                      Timing(gpu_quick, False), Timing(gpu_full, False)), strict=True))
 
 
-#: The series, one entry per notebook. CPU times were measured on a shared 2-core AMD EPYC (whole
-#: notebook, kernel start included); Colab GPU times are estimates (notebook 04, section 8, derives its own).
+#: The series, one entry per notebook. CPU times were measured on a 2-core AMD EPYC (quick: the CI run,
+#: whole notebook under nbval, kernel start included; up to 3-4x longer on a busy machine); Colab GPU times are estimates (notebook 04, section 8, derives its own).
 PLAN: dict[str, NotebookPlan] = {p.number: p for p in (
     NotebookPlan("01", "nothing (the dataset, or the synthetic crowds made on first use)",
-                 "figures `01_*`", _times("about 45 s", "about 55 s", "about 20 s", "about 30 s")),
+                 "figures `01_*`", _times("about 15 s", "about 30 s", "about 20 s", "about 30 s")),
     NotebookPlan("02", "nothing", "figures `02_*`; in full mode the density cache (`build/cache`, about 2 GB)",
-                 _times("about 1 min", "about 2 min", "about 30 s", "about 2 min")),
+                 _times("about 20 s", "about 2 min", "about 30 s", "about 2 min")),
     NotebookPlan("03", "nothing (02 explains the targets it trains on)",
                  "the run `runs/heatmap_cnn_<part>[_synthetic][_quick]`; figures `03_*`",
-                 _times("about 1-1.5 min", "about 25 min", "about 1 min", "a few minutes")),
+                 _times("about 1 min", "about 25 min", "about 1 min", "a few minutes")),
     NotebookPlan("04", "nothing (03 introduces the training loop)",
                  "the run `runs/csrnet_<part>[_synthetic][_quick]` and comparison runs; figures `04_*`",
-                 _times("about 4 min", "a 15-minute demonstration (not a real run)", "about 1 min",
+                 _times("about 1 min", "a 15-minute demonstration (not a real run)", "about 1 min",
                         "minutes to an hour")),
     NotebookPlan("05", "the runs of 03 and 04 (without them: the shipped or a demo model, marked so)",
                  "`report/results.md`, `report/results.json`; figures `05_*`",
-                 _times("about 1.5-2.5 min", "10-20 min", "about 30 s", "a few minutes",
+                 _times("about 40 s", "10-20 min", "about 30 s", "a few minutes",
                         cpu_measured=(True, False))),
     NotebookPlan("06", "a run of 03 or 04 (without one: the shipped or a demo model, marked so)",
                  "figures `06_*`; your uploads in `build/uploads`",
-                 _times("about 40 s", "about 1 min", "about 30 s", "about 30 s")),
+                 _times("about 15 s", "about 1 min", "about 30 s", "about 30 s")),
     NotebookPlan("07", "nothing (a shipped model or a run of 03 is fine-tuned if there is one)",
                  "a made-up dataset (in the cache folder) and its runs `runs/own_data_demo_*`; figures `07_*`",
-                 _times("about 0.5-1 min", "about 1 min", "about 1 min", "about 1 min")),
+                 _times("about 20 s", "about 1 min", "about 1 min", "about 1 min")),
 )}  # fmt: skip
 
 

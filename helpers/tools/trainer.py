@@ -50,6 +50,9 @@ CHECKPOINT_FORMAT = 1
 DEFAULT_LR = {("adam", "heatmap_cnn"): 1e-3, ("adam", "csrnet"): 1e-5, ("sgd", "heatmap_cnn"): 1e-7,
               ("sgd", "csrnet"): 1e-7}
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "sgd": 5e-4}
+#: Sigma (px) of a lone head in adaptive kernels when ``density_sigma`` is not given. Fixed kernels
+#: have no default: CSRNet's Part B used 15 px, 4 px is far narrower (docs/training.md).
+ADAPTIVE_FALLBACK_SIGMA = 4.0
 
 #: Settings that define a run: a resumed run must use the same values. The others (epochs,
 #: patience, device, workers, ...) may change between an interrupted run and its continuation.
@@ -72,7 +75,9 @@ class TrainConfig:
     Data: ``part`` (A/B) of the dataset at ``data_root`` (default: CROWD_DATA, else the synthetic
     set); training on the ``fit`` split, validation on ``val`` (helpers.data). ``crop`` (px,
     multiple of 8) after ``resize``; ``flip``, ``rescale`` ``[low, high]`` and ``gray_prob``
-    augment. ``max_fit``/``max_val`` cap the number of images (None: all; in quick mode 16 / 6
+    augment. Ground truth: ``density_method`` adaptive | fixed kernels with ``density_sigma`` (px
+    of the original image; required for fixed, None = 4 for a lone head of adaptive kernels).
+    ``max_fit``/``max_val`` cap the number of images (None: all; in quick mode 16 / 6
     unless set, e.g. by a recipe).
 
     Optimisation: ``optimizer`` adam | sgd with ``lr`` (None: :data:`DEFAULT_LR`), ``momentum``
@@ -111,7 +116,7 @@ class TrainConfig:
     rescale: list[float] | None = None
     gray_prob: float = 0.0
     density_method: str = "adaptive"
-    density_sigma: float = 4.0
+    density_sigma: float | None = None
     # optimisation
     optimizer: str = "adam"
     lr: float | None = None
@@ -197,7 +202,10 @@ class TrainConfig:
             (c.momentum >= 0, f"--momentum must be >= 0, got {c.momentum}"),
             (c.weight_decay is None or c.weight_decay >= 0, f"--weight-decay must be >= 0, got {c.weight_decay}"),
             (c.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {c.warmup_epochs}"),
-            (c.density_sigma > 0, f"--density-sigma must be > 0 pixels, got {c.density_sigma}"),
+            (c.density_sigma is None or c.density_sigma > 0, f"--density-sigma must be > 0 pixels, got {c.density_sigma}"),
+            (c.density_sigma is not None or c.density_method != "fixed",
+             "--density-method fixed needs --density-sigma (pixels of the original image, e.g. 15 as CSRNet "
+             "used for Part B); runs made before this rule used 4"),
             (c.density_method in ("adaptive", "fixed"), f"--density-method must be adaptive or fixed, not {c.density_method!r}"),
             (c.max_fit is None or c.max_fit >= 1, f"--max-fit must be >= 1, got {c.max_fit}"),
             (c.max_val is None or c.max_val >= 1, f"--max-val must be >= 1, got {c.max_val}"),
@@ -216,6 +224,8 @@ class TrainConfig:
             c.rescale = [float(c.rescale[0]), float(c.rescale[1])]
         if c.model == "csrnet":
             c.model_kwargs.setdefault("pretrained", "imagenet")
+        if c.density_sigma is None:
+            c.density_sigma = ADAPTIVE_FALLBACK_SIGMA
         if c.lr is None:
             c.lr = DEFAULT_LR[(c.optimizer, c.model)]
         if c.weight_decay is None:
@@ -1101,7 +1111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--rescale", type=float, nargs=2, metavar=("LOW", "HIGH"), help="random rescaling range, e.g. 0.8 1.2")
     a("--gray-prob", type=float, help="probability of a grayscale training sample (default 0)")
     a("--density-method", choices=["adaptive", "fixed"], help="ground-truth kernels (default adaptive)")
-    a("--density-sigma", type=float, help="fixed sigma / fallback sigma in pixels (default 4)")
+    a("--density-sigma", type=float, help="sigma in pixels of the original image: required with --density-method "
+      "fixed (CSRNet used 15 for Part B); with adaptive, the sigma of a lone head (default 4)")
     a("--optimizer", choices=list(OPTIMIZERS), help="adam (default) or sgd")
     a("--lr", type=float, help="learning rate (default: 1e-3 heatmap_cnn / 1e-5 csrnet with adam, 1e-7 sgd)")
     a("--momentum", type=float, help="SGD momentum (default 0.95)")
