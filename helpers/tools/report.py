@@ -286,6 +286,7 @@ NOTEBOOKS = {
     "05": "05_evaluation.ipynb",
     "06": "06_count_your_own_image.ipynb",
     "07": "07_your_own_data.ipynb",
+    "08": "08_beyond_gaussian_targets.ipynb",
 }
 
 #: Report sections: (title, notebook numbers whose figures go there).
@@ -295,6 +296,7 @@ SECTIONS = (
     ("Results", ("05",)),
     ("Counting new photos", ("06",)),
     ("Your own data", ("07",)),
+    ("Beyond Gaussian targets", ("08",)),
 )
 
 _SPECS = (
@@ -363,6 +365,9 @@ _SPECS = (
                "density build: the map sums to the number of heads."),
     FigureSpec("07_counts", "Held-out images of your own data: predicted against true count, for the "
                "starting model and after fine-tuning on the other images."),
+    FigureSpec("08_loss_comparison", "HeatmapCNN trained with pixel MSE on Gaussian maps, the Bayesian "
+               "loss and DM-Count: training loss divided by its first epoch's value (the losses have "
+               "different units) and validation MAE per epoch.", key=True),
 )
 
 #: Every figure the series makes, by stem.
@@ -795,6 +800,12 @@ PLAN: dict[str, NotebookPlan] = {p.number: p for p in (
     NotebookPlan("07", "nothing (a shipped model or a run of 03 is fine-tuned if there is one)",
                  "a made-up dataset (in the cache folder) and its runs `runs/own_data_demo_*`; figures `07_*`",
                  _times("about 20 s", "about 1 min", "about 1 min", "about 1 min")),
+    NotebookPlan("08", "nothing (03 introduces HeatmapCNN and its training)",
+                 "the runs `runs/heatmap_cnn_<part>_loss_<mse|bayesian|dm_count>[_synthetic][_quick]`; "
+                 "figures `08_*`",
+                 _times("about 2 min", "1-3 hours (25 min with MSE, more per point loss)", "about 1 min",
+                        "about 15 min",
+                        cpu_measured=(True, False))),
 )}  # fmt: skip
 
 

@@ -103,11 +103,13 @@ def _history_rows(history: Any) -> list[dict[str, float]]:
 
 
 def plot_pretrained_comparison(histories: Mapping[str, Any], name: str | None = None,
-                               title: str | None = None):
+                               title: str | None = None,
+                               loss_label: str = "training loss (MSE on scaled density)"):
     """Training loss (left) and validation MAE (right) per epoch for several runs.
 
     ``histories`` maps a label (e.g. ``"ImageNet frontend"``, ``"random init"``) to a run's
     history rows (``result.history`` of :func:`helpers.tools.trainer.train`, or the result itself).
+    ``loss_label``: the left axis's label (runs trained with other losses: say what is plotted).
     """
     if not histories:
         raise ValueError("plot_pretrained_comparison needs at least one history")
@@ -127,7 +129,7 @@ def plot_pretrained_comparison(histories: Mapping[str, Any], name: str | None = 
             ax_mae.plot(ve, mae, marker="o", ms=3, color=color,
                         label=f"{label}: best {min(mae):.2f}")
     ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (MSE on scaled density)")
+    ax_loss.set_ylabel(loss_label)
     ax_loss.set_title("Training loss")
     ax_mae.set_xlabel("epoch")
     ax_mae.set_ylabel("validation MAE (people per image)")
