@@ -549,6 +549,9 @@ def report_markdown(known: Sequence[FoundFigure], unknown: Sequence[FoundFigure]
         "Counting new photos": f"{TODO} Optional: what happened on your own photos, and why. Notebook 06.",
         "Your own data": f"{TODO} Optional: how you annotated your own images, and what fine-tuning "
                          "changed on them. Notebook 07.",
+        "Beyond Gaussian targets": f"{TODO} Optional: which loss you trained with (MSE on Gaussian "
+                                   "maps, Bayesian, DM-Count), chosen on the validation split. "
+                                   "Notebook 08.",
     }
     for k, (section, notebooks) in enumerate(SECTIONS, start=1):
         out += [f"## {k}. {section}", "", intro[section], ""]
