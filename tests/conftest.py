@@ -64,6 +64,17 @@ def real_data_root() -> Path:
 
 
 @pytest.fixture()
+def tiny_training_env(tiny_shtech, tmp_path, monkeypatch, one_thread) -> Path:
+    """Train on ``tiny_shtech`` in full mode with one torch thread; CROWD_HOME is ``tmp_path/home``
+    and CROWD_CACHE ``tmp_path/cache``. Returns the dataset root."""
+    monkeypatch.setenv("CROWD_DATA", str(tiny_shtech))
+    monkeypatch.setenv("CROWD_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("CROWD_QUICK", raising=False)
+    return tiny_shtech
+
+
+@pytest.fixture()
 def isolated_home(tmp_path, monkeypatch) -> Path:
     """Point CROWD_HOME and CROWD_CACHE at a temporary project folder, with no dataset configured."""
     home = tmp_path / "home"

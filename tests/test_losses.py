@@ -276,23 +276,15 @@ def test_recipes_scale_the_point_loss_lengths_with_the_resolution(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["bayesian", "dm_count"])
-def test_crowd_train_with_a_point_loss_lowers_the_loss(loss, tiny_shtech, tmp_path, monkeypatch, capsys):
+def test_crowd_train_with_a_point_loss_lowers_the_loss(loss, tiny_training_env, tmp_path, capsys):
     """``crowd train --loss bayesian|dm_count`` on the tiny set: completes, the training loss falls."""
     from helpers.tools import cli
     from helpers.tools.trainer import read_history
 
-    monkeypatch.setenv("CROWD_DATA", str(tiny_shtech))
-    monkeypatch.setenv("CROWD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CROWD_QUICK", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = cli.main(["train", "--loss", loss, "--loss-arg", "sigma=4" if loss == "bayesian" else "eps=5",
-                         "--model-arg", "width=8", "--batch-size", "2", "--crop", "64", "--device", "cpu",
-                         "--epochs", "8", "--lr", "1e-2", "--warmup-epochs", "0", "--workers", "0", "--out", str(tmp_path / "run"), "--json"])
-    finally:
-        torch.set_num_threads(before)
+    code = cli.main(["train", "--loss", loss, "--loss-arg", "sigma=4" if loss == "bayesian" else "eps=5",
+                     "--model-arg", "width=8", "--batch-size", "2", "--crop", "64", "--device", "cpu",
+                     "--epochs", "8", "--lr", "1e-2", "--warmup-epochs", "0", "--workers", "0",
+                     "--out", str(tmp_path / "run"), "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     losses = [row["train_loss"] for row in read_history(tmp_path / "run")]

@@ -8,7 +8,6 @@ path runs on the CPU on the same images with tiny sizes.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,80 +161,58 @@ def test_fixed_kernels_need_a_sigma_and_adaptive_ones_keep_4px(tmp_path, capsys)
 # --------------------------------------------------------------------------- wall-clock budget
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tiny_shtech) -> Path:
-    """12 noisy 96 x 128 JPEGs with 3-30 dark 'heads' each, ShanghaiTech layout, part B
-    (tests/conftest.py)."""
-    return tiny_shtech
+def test_max_minutes_stops_mid_epoch_validates_and_resumes_exactly(tiny_training_env, tmp_path):
+    tiny_root = tiny_training_env
+    base = {"model_kwargs": {"width": 8}, "batch_size": 2, "crop": 64, "device": "cpu", "workers": 0,
+            "epochs": 2, "checkpoint_every": 0, "scheduler": "cosine"}
+    # A simulated clock that advances one second each time it is read: read once at the start,
+    # once before the epoch and once after every step, so a 4-second budget runs out after
+    # step 3 of the 6 steps of an epoch (11 fit images in batches of 2).
+    ticks = iter(range(10**6))
+    stopped = train(TrainConfig(out=str(tmp_path / "cut"), max_minutes=4 / 60, **base),
+                    clock=lambda: float(next(ticks)))
+    assert stopped.stop_reason == "time" and not stopped.stopped_early
+    ts = stopped.time_stop
+    assert ts is not None and (ts["epoch"], ts["batch_in_epoch"], ts["step"]) == (1, 3, 3)
+    assert stopped.history == []  # no epoch was completed
+    # the partial epoch's weights were validated and kept as best.pt: check against a fresh evaluation
+    assert ts["improved"] and stopped.best_epoch == 1 and stopped.best_val_mae == ts["val_mae"]
+    model, info = load_model(stopped.best, device="cpu")
+    val = CrowdDataset(list_records("B", "val", str(tiny_root)), "eval")
+    again = evaluate_counts(model, val, scale=info.scale, device="cpu")
+    assert again["mae"] == pytest.approx(ts["val_mae"], rel=1e-6, abs=1e-9)
+    last = load_checkpoint(stopped.last)
+    assert last["batch_in_epoch"] == ts["batch_in_epoch"] and last["stop_reason"] == "time"
 
-
-def test_max_minutes_stops_mid_epoch_validates_and_resumes_exactly(tiny_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("CROWD_DATA", str(tiny_root))
-    monkeypatch.setenv("CROWD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("CROWD_QUICK", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        base = {"model_kwargs": {"width": 8}, "batch_size": 2, "crop": 64, "device": "cpu", "workers": 0,
-                "epochs": 2, "checkpoint_every": 0, "scheduler": "cosine"}
-        # A simulated clock that advances one second each time it is read: read once at the start,
-        # once before the epoch and once after every step, so a 4-second budget runs out after
-        # step 3 of the 6 steps of an epoch (11 fit images in batches of 2).
-        ticks = iter(range(10**6))
-        stopped = train(TrainConfig(out=str(tmp_path / "cut"), max_minutes=4 / 60, **base),
-                        clock=lambda: float(next(ticks)))
-        assert stopped.stop_reason == "time" and not stopped.stopped_early
-        ts = stopped.time_stop
-        assert ts is not None and (ts["epoch"], ts["batch_in_epoch"], ts["step"]) == (1, 3, 3)
-        assert stopped.history == []  # no epoch was completed
-        # the partial epoch's weights were validated and kept as best.pt: check against a fresh evaluation
-        assert ts["improved"] and stopped.best_epoch == 1 and stopped.best_val_mae == ts["val_mae"]
-        model, info = load_model(stopped.best, device="cpu")
-        val = CrowdDataset(list_records("B", "val", str(tiny_root)), "eval")
-        again = evaluate_counts(model, val, scale=info.scale, device="cpu")
-        assert again["mae"] == pytest.approx(ts["val_mae"], rel=1e-6, abs=1e-9)
-        last = load_checkpoint(stopped.last)
-        assert last["batch_in_epoch"] == ts["batch_in_epoch"] and last["stop_reason"] == "time"
-
-        # resuming without a budget ends bitwise where an uninterrupted run ends
-        resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
-        reference = train(TrainConfig(out=str(tmp_path / "ref"), **base))
-        assert resumed.stop_reason == reference.stop_reason == "epochs" and resumed.time_stop is None
-        a, b = load_checkpoint(resumed.last)["model"], load_checkpoint(reference.last)["model"]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
-        assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in reference.history]
-    finally:
-        torch.set_num_threads(threads)
+    # resuming without a budget ends bitwise where an uninterrupted run ends
+    resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    reference = train(TrainConfig(out=str(tmp_path / "ref"), **base))
+    assert resumed.stop_reason == reference.stop_reason == "epochs" and resumed.time_stop is None
+    a, b = load_checkpoint(resumed.last)["model"], load_checkpoint(reference.last)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in reference.history]
 
 
 @pytest.mark.parametrize("loss", ["mse", "bayesian"])
-def test_gpu_recipe_code_path_runs_on_cpu_with_tiny_sizes(loss, tiny_root, tmp_path, monkeypatch):
+def test_gpu_recipe_code_path_runs_on_cpu_with_tiny_sizes(loss, tiny_training_env, tmp_path):
     """The GPU recipe, shrunk (quick mode and tiny crops) and trained on the CPU: AMP stays off there,
     the run completes and validates, and best.pt scores what an independent evaluation gives."""
-    monkeypatch.setenv("CROWD_DATA", str(tiny_root))
-    monkeypatch.setenv("CROWD_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = recommended_config("csrnet", "B", tmp_path / "run", kind="gpu", quick=True, device="cpu", loss=loss,
-                                 crop=64, max_fit=4, max_val=1, epochs=1, workers=0,
-                                 model_kwargs={"pretrained": None})  # no ImageNet download in a test
-        gpu = GPU[("csrnet", "B")]
-        assert (cfg.amp, cfg.resize, cfg.optimizer, cfg.lr, cfg.weight_decay) == (
-            True, 1.0, "adam", gpu["lr"], gpu["weight_decay"])
-        result = train(cfg)
-        assert result.stop_reason == "epochs" and [int(r["epoch"]) for r in result.history] == [1]
-        row = result.history[0]
-        assert all(np.isfinite(row[k]) for k in ("train_loss", "val_mae", "val_rmse"))
-        last = load_checkpoint(result.last)
-        assert last["scaler"] == {}, "AMP (the GradScaler) must be off on the CPU"
-        assert last["config"]["amp"] is True and last["config"]["loss"] == loss
-        model, info = load_model(result.best, device="cpu")
-        val = CrowdDataset(list_records("B", "val", str(tiny_root)), "eval", resize=cfg.resize)
-        again = evaluate_counts(model, val, scale=info.scale, device="cpu")
-        assert again["mae"] == pytest.approx(result.best_val_mae, rel=1e-5, abs=1e-6)
-    finally:
-        torch.set_num_threads(threads)
+    tiny_root = tiny_training_env
+    cfg = recommended_config("csrnet", "B", tmp_path / "run", kind="gpu", quick=True, device="cpu", loss=loss,
+                             crop=64, max_fit=4, max_val=1, epochs=1, workers=0,
+                             model_kwargs={"pretrained": None})  # no ImageNet download in a test
+    gpu = GPU[("csrnet", "B")]
+    assert (cfg.amp, cfg.resize, cfg.optimizer, cfg.lr, cfg.weight_decay) == (
+        True, 1.0, "adam", gpu["lr"], gpu["weight_decay"])
+    result = train(cfg)
+    assert result.stop_reason == "epochs" and [int(r["epoch"]) for r in result.history] == [1]
+    row = result.history[0]
+    assert all(np.isfinite(row[k]) for k in ("train_loss", "val_mae", "val_rmse"))
+    last = load_checkpoint(result.last)
+    assert last["scaler"] == {}, "AMP (the GradScaler) must be off on the CPU"
+    assert last["config"]["amp"] is True and last["config"]["loss"] == loss
+    model, info = load_model(result.best, device="cpu")
+    val = CrowdDataset(list_records("B", "val", str(tiny_root)), "eval", resize=cfg.resize)
+    again = evaluate_counts(model, val, scale=info.scale, device="cpu")
+    assert again["mae"] == pytest.approx(result.best_val_mae, rel=1e-5, abs=1e-6)
