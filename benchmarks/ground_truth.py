@@ -6,7 +6,7 @@ Usage::
 
 Times :func:`helpers.density.density_map` on every image of a part (image sizes read from the
 JPEG headers, points from the annotations), then the original MCNN/CSRNet method (one full-image
-``scipy.ndimage.gaussian_filter`` per head, :func:`helpers.density.reference_density_map`) on the
+``scipy.ndimage.gaussian_filter`` per head, :func:`helpers.analysis.ground_truth.reference_density_map`) on the
 first heads of a few of the same images, scaled per head. Both use the same sigmas, so the
 difference measures only how kernels are placed; it is reported away from the borders, where
 the original loses mass and ours does not.
@@ -70,7 +70,7 @@ def run(part: str, root, split: str, slow_heads: int, slow_images: int, method: 
         _, points, shape = items[i]
         pts, sig = points[:per_image], sigmas[i][:per_image]
         t0 = time.perf_counter()
-        ref = dens.reference_density_map(pts, sig, shape, params.truncate)
+        ref = ground_truth.reference_density_map(pts, sig, shape, params.truncate)
         slow_time += time.perf_counter() - t0
         slow_count += len(pts)
         ours = dens.density_from_sigmas(pts, sig, shape, params.truncate)

@@ -1,8 +1,8 @@
 """The core of the crowd-counting series: what the notebooks teach, in the order they teach it.
 
     01 dataset    data       list_records, read_image, read_points, clean_points, split_fit_val
-    02 ground     density    knn_distances, adaptive_sigmas, density_map, downsample_density,
-       truth                 reference_density_map (the original one-filter-per-head recipe)
+    02 ground     density    knn_distances, adaptive_sigmas, density_map, downsample_density
+       truth
     03 our CNN    samples    CrowdDataset (crops, flips, rescaling; exact targets at the stride)
                   models     HeatmapCNN, receptive_field, count_parameters
                   train      density_loss, train_step, train_one_epoch, evaluate_counts, fit

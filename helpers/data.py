@@ -233,10 +233,7 @@ def image_size(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple
 def megapixels(n: float) -> str:
     """A pixel count for messages.
 
-    Inputs:
-    - n: number of pixels
-    Returns:
-    - text: str, "300 MP", "2.5 MP", or "2,240 pixels" below 1 MP
+    Inputs: n, a number of pixels. Returns: str, "300 MP", "2.5 MP", or "2,240 pixels" below 1 MP.
     """
     return f"{n / 1e6:.0f} MP" if n >= 10e6 else f"{n / 1e6:.1f} MP" if n >= 1e6 else f"{int(n):,} pixels"
 

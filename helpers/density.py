@@ -11,8 +11,8 @@ of people in it: ``D(p) = sum_i G_sigma_i(p - h_i)`` with ``sum_p G = 1``, so ``
   exactly 1 (the original code loses up to 75 % of a head in a corner).
 * Sigma is ``fixed`` or ``adaptive``: ``beta`` times the mean distance to the ``k`` nearest heads.
 
-:func:`reference_density_map` is the original (slow) recipe, kept for comparison. The HDF5 cache
-of maps is :mod:`helpers.tools.cache` (``crowd density build``); see docs/data.md.
+The original (slow) recipe is :func:`helpers.analysis.ground_truth.reference_density_map`; the
+HDF5 cache of maps is :mod:`helpers.tools.cache` (``crowd density build``); see docs/data.md.
 """
 
 from __future__ import annotations
@@ -277,34 +277,6 @@ def density_map(points, shape, params: DensityParams = DensityParams(), *,
     pts = pts[inside_image(pts, (height, width))]
     sigmas = head_sigmas(pts, params)
     return density_from_sigmas(pts, sigmas, (height, width), params.truncate, renormalize)
-
-
-def reference_density_map(points, sigmas, shape, truncate: float = 4.0) -> np.ndarray:
-    """The original (slow) MCNN/CSRNet recipe: one full-image ``gaussian_filter`` per head.
-
-    A float32 image with a single 1 at ``(int(y), int(x))`` is blurred with ``mode='constant'``
-    and the results are summed in float32: mass outside the image is lost. O(H W r) per head.
-
-    Inputs:
-    - points: float array (N, 2) of (x, y) pixels; sigmas: float array (N,), pixels
-    - shape: (H, W); truncate: float, radius in sigmas
-    Returns:
-    - density: float32 array (H, W)
-    """
-    from scipy.ndimage import gaussian_filter
-
-    pts = as_points(points)
-    height, width = _as_shape(shape)
-    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
-    keep = inside_image(pts, (height, width))
-    pts, sig = pts[keep], sig[keep]
-    out = np.zeros((height, width), dtype=np.float32)
-    delta = np.zeros((height, width), dtype=np.float32)
-    for x, y, s in zip(pts[:, 0].tolist(), pts[:, 1].tolist(), sig.tolist(), strict=True):
-        delta[int(y), int(x)] = 1.0
-        out += gaussian_filter(delta, s, mode="constant", truncate=truncate)
-        delta[int(y), int(x)] = 0.0
-    return out
 
 
 def downsample_density(density, factor: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 Counting: :func:`mae`, :func:`rmse` (papers' "MSE"), :func:`counting_summary`, and GAME(L)
 (:func:`game`), which punishes a count that is right for the wrong reasons. Localization: head
 points read off a density map (:func:`find_peaks`, :func:`peaks_by_count`), matched one-to-one
-to the annotated heads (:func:`match_points`), precision, recall and F1. Coordinates are image
+to the annotated heads (:func:`match_points`, within a radius or P2PNet's per-head
+:func:`knn_radii`), precision, recall and F1. Coordinates are image
 pixels ``(x, y)``: pixel ``(row, col)`` covers ``[col, col + 1) x [row, row + 1)``; a cell
 ``(i, j)`` at stride ``s`` has its centre at ``((j + 0.5) s, (i + 0.5) s)``.
 """
@@ -28,8 +29,6 @@ def _counts_pair(pred_counts, true_counts) -> tuple[np.ndarray, np.ndarray]:
     if not (np.isfinite(p).all() and np.isfinite(t).all()):
         raise ValueError("counts must be finite numbers (found NaN or infinity)")
     return p, t
-
-
 
 
 def _as_density(density, name: str = "density") -> np.ndarray:
@@ -222,6 +221,14 @@ def _cells_to_pixels(rows: np.ndarray, cols: np.ndarray, stride: float) -> np.nd
     return np.column_stack([(cols + 0.5) * stride, (rows + 0.5) * stride]).astype(np.float64).reshape(-1, 2)
 
 
+def _refine(density: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fractional ``(rows, cols)``: the mass-weighted centroid of each peak's 3 x 3 cells (none outside)."""
+    pad, steps = np.pad(np.maximum(density, 0.0), 1), np.array([-1.0, 0.0, 1.0])
+    win = np.stack([pad[rows + 1 + dr, cols + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)], axis=1)
+    win = win.reshape(-1, 3, 3) / np.maximum(win.sum(axis=1), 1e-30).reshape(-1, 1, 1)
+    return rows + win.sum(axis=2) @ steps, cols + win.sum(axis=1) @ steps
+
+
 def _local_maxima(density: np.ndarray, threshold: float, min_distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows and columns of the peaks, strongest first, no two within ``min_distance`` cells."""
     from scipy import ndimage
@@ -247,33 +254,38 @@ def _local_maxima(density: np.ndarray, threshold: float, min_distance: int) -> t
     return rows[keep], cols[keep]
 
 
-def find_peaks(density, threshold: float, min_distance: int = 1, stride: float = 1) -> np.ndarray:
+def find_peaks(density, threshold: float, min_distance: int = 1, stride: float = 1,
+               refine: bool = False) -> np.ndarray:
     """Head positions from a density map: its local maxima above a threshold, strongest first.
 
     A peak is the largest value in the (2 d + 1) x (2 d + 1) square around it (outside the map
     counts as minus infinity); of equal maxima (a plateau) closer than d cells only the first in
-    row-major order is kept. Positions are cell centres (within s / 2 pixels of the head).
+    row-major order is kept. Positions are cell centres (within s / 2 pixels of the head), or with
+    ``refine`` the mass-weighted centroid of the peak's 3 x 3 cells (cells beyond the map left out).
 
     Inputs:
     - density: float array (h, w), people per cell
     - threshold: float, a peak must be strictly greater (people per cell)
     - min_distance: int d, in cells
     - stride: float s, image pixels per cell
+    - refine: bool, sub-cell positions (see above)
     Returns:
     - points: float64 array (M, 2), (x, y) in image pixels; (0, 2) for an all-zero map
     """
-    rows, cols = _local_maxima(_as_density(density), float(threshold), min_distance)
-    return _cells_to_pixels(rows, cols, float(stride))
+    d = _as_density(density)
+    rows, cols = _local_maxima(d, float(threshold), min_distance)
+    return _cells_to_pixels(*(_refine(d, rows, cols) if refine else (rows, cols)), float(stride))
 
 
-def peaks_by_count(density, min_distance: int = 1, stride: float = 1, count: int | None = None) -> np.ndarray:
+def peaks_by_count(density, min_distance: int = 1, stride: float = 1, count: int | None = None,
+                   refine: bool = False) -> np.ndarray:
     """The ``round(density.sum())`` strongest local maxima: head points without a threshold.
 
     Same maxima and coordinates as :func:`find_peaks` with threshold 0. In a dense crowd merged
     Gaussians give fewer maxima than people, and then all of them are returned.
 
     Inputs:
-    - density, min_distance, stride: as in :func:`find_peaks`
+    - density, min_distance, stride, refine: as in :func:`find_peaks`
     - count: int, how many to keep instead of round(density.sum())
     Returns:
     - points: float64 array (K, 2), (x, y) in image pixels, strongest first
@@ -282,8 +294,8 @@ def peaks_by_count(density, min_distance: int = 1, stride: float = 1, count: int
     k = int(round(float(d.sum()))) if count is None else int(count)
     if k <= 0:
         return np.zeros((0, 2), dtype=np.float64)
-    rows, cols = _local_maxima(d, 0.0, min_distance)
-    return _cells_to_pixels(rows[:k], cols[:k], float(stride))
+    rows, cols = (v[:k] for v in _local_maxima(d, 0.0, min_distance))
+    return _cells_to_pixels(*(_refine(d, rows, cols) if refine else (rows, cols)), float(stride))
 
 
 # --------------------------------------------------------------------------- matching
@@ -303,16 +315,16 @@ DENSE_LIMIT = 10_000_000
 METHODS = ("hungarian", "greedy")
 
 
-def _candidate_pairs(pred: np.ndarray, true: np.ndarray, radius: float) -> tuple[np.ndarray, ...]:
-    """All ``(pred i, true j, distance)`` with ``distance <= radius`` (np.hypot, inclusive)."""
+def _candidate_pairs(pred: np.ndarray, true: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, ...]:
+    """All ``(pred i, true j, distance)`` with ``distance <= radii[j]`` (np.hypot, inclusive)."""
     from scipy.spatial import cKDTree
 
     # query a hair wider, then decide with exact distances (the boundary must not depend on the tree)
-    found = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radius * (1 + 1e-9) + 1e-12,
+    found = cKDTree(pred).sparse_distance_matrix(cKDTree(true), radii.max() * (1 + 1e-9) + 1e-12,
                                                  output_type="ndarray")
     i, j = found["i"].astype(np.int64), found["j"].astype(np.int64)
     dist = np.hypot(pred[i, 0] - true[j, 0], pred[i, 1] - true[j, 1])
-    ok = dist <= radius
+    ok = dist <= radii[j]
     return i[ok], j[ok], dist[ok]
 
 
@@ -329,7 +341,7 @@ def _greedy(i: np.ndarray, j: np.ndarray, dist: np.ndarray) -> list[tuple[int, i
     return pairs
 
 
-def _one_group(ci: np.ndarray, cj: np.ndarray, cd: np.ndarray, radius: float, dense_limit: int):
+def _one_group(ci: np.ndarray, cj: np.ndarray, cd: np.ndarray, dense_limit: int):
     """Maximum matching of one connected group, nearest among those (or Hopcroft-Karp if huge)."""
     from scipy import sparse
     from scipy.optimize import linear_sum_assignment
@@ -343,7 +355,7 @@ def _one_group(ci: np.ndarray, cj: np.ndarray, cd: np.ndarray, radius: float, de
         return list(zip(rows[match >= 0].tolist(), cols[match[match >= 0]].tolist(), strict=True))
     # pairs beyond the radius cost more than any set of allowed ones: the assignment first
     # maximises the number of allowed pairs, then minimises their total distance
-    big = min(len(rows), len(cols)) * radius + 1.0
+    big = min(len(rows), len(cols)) * cd.max() + 1.0
     cost = np.full((len(rows), len(cols)), big)
     cost[ri, rj] = cd
     a, b = linear_sum_assignment(cost)
@@ -351,7 +363,7 @@ def _one_group(ci: np.ndarray, cj: np.ndarray, cd: np.ndarray, radius: float, de
     return list(zip(rows[a[ok]].tolist(), cols[b[ok]].tolist(), strict=True))
 
 
-def _hungarian(i, j, dist, radius: float, n_pred: int, n_true: int, dense_limit: int) -> list:
+def _hungarian(i, j, dist, n_pred: int, n_true: int, dense_limit: int) -> list:
     """One-to-one matching, solved separately on each connected group of heads within reach."""
     from scipy import sparse
     from scipy.sparse.csgraph import connected_components
@@ -366,13 +378,31 @@ def _hungarian(i, j, dist, radius: float, n_pred: int, n_true: int, dense_limit:
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
     pairs: list[tuple[int, int]] = []
     for s, e in zip(starts.tolist(), np.r_[starts[1:], len(i)].tolist(), strict=True):
-        pairs += _one_group(i[s:e], j[s:e], dist[s:e], radius, dense_limit)
+        pairs += _one_group(i[s:e], j[s:e], dist[s:e], dense_limit)
     return pairs
 
 
-def match_points(pred, true, radius: float, method: str = "hungarian",
-                 dense_limit: int = DENSE_LIMIT) -> Matching:
-    """One-to-one matching of predicted to annotated heads within ``radius`` pixels.
+def knn_radii(points, delta: float = 0.5, k: int = 3, single: float = 16.0) -> np.ndarray:
+    """P2PNet's per-head radii (Song et al., ICCV 2021): ``delta`` x the mean distance from each head
+    to its ``k`` nearest annotated neighbours (fewer if there are fewer); a lone head: ``single`` px.
+
+    Inputs:
+    - points: float array (N, 2), annotated heads (x, y) in pixels
+    - delta: float (P2PNet reports 0.5 and 0.25); k: int >= 1; single: float pixels
+    Returns:
+    - radii: float64 array (N,), pixels
+    """
+    from scipy.spatial import cKDTree
+
+    pts = as_points(points, "points", finite=True)
+    if len(pts) < 2:
+        return np.full(len(pts), float(delta) * float(single))
+    dist, _ = cKDTree(pts).query(pts, k=list(range(2, min(int(k), len(pts) - 1) + 2)))  # 1: itself
+    return float(delta) * dist.mean(axis=1)
+
+
+def match_points(pred, true, radius, method: str = "hungarian", dense_limit: int = DENSE_LIMIT) -> Matching:
+    """One-to-one matching of predicted to annotated heads within ``radius`` pixels (of each head).
 
     ``"hungarian"`` finds the largest possible number of pairs and, among those, the smallest
     total distance (``scipy.optimize.linear_sum_assignment`` on each group of heads within reach
@@ -384,24 +414,26 @@ def match_points(pred, true, radius: float, method: str = "hungarian",
     Inputs:
     - pred: float array (M, 2) predicted (x, y); true: float array (N, 2) annotated (x, y)
       (None or empty is fine)
-    - radius: float pixels; a pair at distance exactly ``radius`` matches
+    - radius: float pixels, or float array (N,), one per annotated head (e.g. :func:`knn_radii`);
+      a pair at distance exactly the radius matches
     - method: "hungarian" or "greedy"; dense_limit: int, see above
     Returns:
     - matching: :class:`Matching` (tp, fp = M - tp, fn = N - tp, pairs (tp, 2) int64)
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    r = float(radius)
-    if not np.isfinite(r) or r < 0:
-        raise ValueError(f"radius must be a finite number of pixels >= 0, got {radius!r}")
     p, t = as_points(pred, "pred", finite=True), as_points(true, "true", finite=True)
+    r = np.asarray(radius, dtype=np.float64)
+    if r.ndim > 1 or (r.ndim == 1 and r.shape != (len(t),)) or not np.all(np.isfinite(r) & (r >= 0)):
+        raise ValueError(f"radius must be a finite number of pixels >= 0, or one per annotated head "
+                         f"({len(t)}), got {radius!r}")
     if len(p) == 0 or len(t) == 0:
         return Matching(0, len(p), len(t), np.zeros((0, 2), dtype=np.int64))
-    i, j, dist = _candidate_pairs(p, t, r)
+    i, j, dist = _candidate_pairs(p, t, np.broadcast_to(r, (len(t),)))
     if method == "greedy":
         pairs = _greedy(i, j, dist)
     else:
-        pairs = _hungarian(i, j, dist, r, len(p), len(t), int(dense_limit))
+        pairs = _hungarian(i, j, dist, len(p), len(t), int(dense_limit))
     arr = np.asarray(sorted(pairs), dtype=np.int64).reshape(-1, 2)
     return Matching(len(arr), len(p) - len(arr), len(t) - len(arr), arr)
 

@@ -39,7 +39,8 @@ def _records(folder, counts, h=40, w=50, seed=0):
     return records
 
 
-def test_mean_baseline_mae_equals_a_hand_computation(tmp_path):
+def test_mean_baseline_mae_equals_a_hand_computation(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))  # evaluation caches true density maps
     fit = _records(tmp_path / "fit", [10, 20, 33])
     test = _records(tmp_path / "test", [0, 5, 21, 40], seed=1)
     model = MeanCountBaseline().fit(fit)

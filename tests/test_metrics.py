@@ -246,6 +246,37 @@ def test_peaks_by_count_keeps_round_sum_strongest():
     assert len(metrics.peaks_by_count(d, min_distance=2, count=10)) == 4  # only 4 maxima exist
 
 
+def test_refined_peaks_recover_sub_cell_positions_better_than_cell_centres():
+    """Gaussian blobs (sigma one cell) at random sub-cell positions on a stride-8 map: the
+    centroid of the 3 x 3 cells is nearer the true position than the cell centre, every time."""
+    rng = np.random.default_rng(5)
+    centre_err, refined_err = [], []
+    for _ in range(40):
+        true = np.array([rng.uniform(40, 120), rng.uniform(40, 80)])
+        d = _blobs((16, 20), [true], [1.0], sigma=1.0, stride=8.0)
+        (centre,) = metrics.find_peaks(d, 0.1, stride=8)
+        (refined,) = metrics.find_peaks(d, 0.1, stride=8, refine=True)
+        centre_err.append(np.hypot(*(centre - true)))
+        refined_err.append(np.hypot(*(refined - true)))
+    centre_err, refined_err = np.array(centre_err), np.array(refined_err)
+    assert np.all(refined_err <= centre_err + 1e-9)
+    assert refined_err.mean() < 0.6 * centre_err.mean()
+    # peaks_by_count picks the same peaks and refines them the same way
+    d = _blobs((16, 20), [(50.0, 30.0), (101.0, 93.0)], [1.0, 0.8], sigma=1.0, stride=8.0)
+    np.testing.assert_allclose(metrics.peaks_by_count(d, stride=8, count=2, refine=True),
+                               metrics.find_peaks(d, 0.1, stride=8, refine=True))
+
+
+def test_refinement_by_hand_leaves_out_cells_beyond_the_border():
+    d = np.zeros((4, 5))
+    d[0, 0], d[0, 1], d[1, 0] = 3.0, 1.0, 2.0  # a peak in the corner: 5 of its 9 cells are outside
+    d[3, 3], d[2, 3], d[3, 4], d[2, 4] = 4.0, -1.0, 1.0, 1.0  # negative mass counts as none
+    found = metrics.find_peaks(d, 0.5, min_distance=1, stride=2, refine=True)
+    # centroid (row, col) of the corner: (2 / 6, 1 / 6); of the other: (3 - 1 / 6, 3 + 2 / 6)
+    expected = np.array([[(3 + 2 / 6 + 0.5) * 2, (3 - 1 / 6 + 0.5) * 2], [(1 / 6 + 0.5) * 2, (2 / 6 + 0.5) * 2]])
+    np.testing.assert_allclose(found, expected)
+
+
 # --------------------------------------------------------------------------- matching
 
 
@@ -310,18 +341,20 @@ def test_all_misses_and_duplicates():
 
 
 def _brute_force(pred, true, radius):
-    """Maximum number of pairs within radius, and the least total distance among such matchings."""
+    """Maximum number of pairs within radius (a number, or one per true head), and the least
+    total distance among such matchings."""
     m, n = len(pred), len(true)
     if m == 0 or n == 0:
         return 0, 0.0
     d = np.hypot(pred[:, None, 0] - true[None, :, 0], pred[:, None, 1] - true[None, :, 1])
+    radius = np.broadcast_to(np.asarray(radius, dtype=float), (n,))
     best = (0, 0.0)
     if m <= n:  # every matching extends to a one-to-one map of the smaller side into the larger
         assignments = ((range(m), perm) for perm in itertools.permutations(range(n), m))
     else:
         assignments = ((perm, range(n)) for perm in itertools.permutations(range(m), n))
     for rows, cols in assignments:
-        ok = [(i, j) for i, j in zip(rows, cols, strict=True) if d[i, j] <= radius]
+        ok = [(i, j) for i, j in zip(rows, cols, strict=True) if d[i, j] <= radius[j]]
         key = (len(ok), sum(d[i, j] for i, j in ok))
         if key[0] > best[0] or (key[0] == best[0] and key[1] < best[1]):
             best = key
@@ -350,6 +383,54 @@ def test_random_small_cases_against_brute_force():
         assert greedy.tp <= best_tp
         greedy_short += greedy.tp < best_tp
     assert greedy_short > 0  # the random cases include some where greedy falls short
+
+
+def test_per_head_radii_against_brute_force_and_a_dense_assignment():
+    """match_points with one radius per annotated head: the most pairs, then the least distance,
+    checked by enumerating assignments and by linear_sum_assignment on a dense matrix in which
+    forbidden pairs cost more than any allowed matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        m, n = rng.integers(0, 7, size=2)
+        pred, true = rng.uniform(0, 10, size=(m, 2)), rng.uniform(0, 10, size=(n, 2))
+        radii = rng.uniform(0.5, 5, size=n)
+        hung = metrics.match_points(pred, true, radii)
+        best_tp, best_dist = _brute_force(pred, true, radii)
+        assert hung.tp == best_tp and hung.fp == m - best_tp and hung.fn == n - best_tp
+        dist = np.hypot(*(pred[hung.pairs[:, 0]] - true[hung.pairs[:, 1]]).T)
+        assert np.all(dist <= radii[hung.pairs[:, 1]])
+        assert dist.sum() == pytest.approx(best_dist, abs=1e-9)
+        if m and n:
+            d = np.hypot(pred[:, None, 0] - true[None, :, 0], pred[:, None, 1] - true[None, :, 1])
+            allowed = d <= radii[None, :]
+            cost = np.where(allowed, d, 1e6)
+            a, b = linear_sum_assignment(cost)
+            assert hung.tp == int(allowed[a, b].sum())
+        assert metrics.match_points(pred, true, radii, dense_limit=0).tp == best_tp
+        assert metrics.match_points(pred, true, radii, method="greedy").tp <= best_tp
+    # a scalar radius is the same as that radius for every head
+    pred, true = rng.uniform(0, 20, size=(30, 2)), rng.uniform(0, 20, size=(25, 2))
+    a, b = metrics.match_points(pred, true, 3.0), metrics.match_points(pred, true, np.full(25, 3.0))
+    assert a.tp == b.tp and np.array_equal(a.pairs, b.pairs)
+    with pytest.raises(ValueError, match="one per annotated head"):
+        metrics.match_points(pred, true, np.full(24, 3.0))
+    with pytest.raises(ValueError, match="radius"):
+        metrics.match_points(pred, true, np.r_[np.full(24, 3.0), -1.0])
+
+
+def test_knn_radii_against_a_direct_computation():
+    rng = np.random.default_rng(2)
+    for n in (2, 3, 4, 9, 40):
+        pts = rng.uniform(0, 100, size=(n, 2))
+        d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(axis=2))
+        nearest = np.sort(d, axis=1)[:, 1 : min(3, n - 1) + 1]  # column 0: the head itself
+        np.testing.assert_allclose(metrics.knn_radii(pts), 0.5 * nearest.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(metrics.knn_radii(pts, delta=0.25, k=1), 0.25 * np.sort(d, axis=1)[:, 1])
+    np.testing.assert_array_equal(metrics.knn_radii([[5.0, 5.0]]), [8.0])  # a lone head: 0.5 x 16 px
+    np.testing.assert_array_equal(metrics.knn_radii([[5.0, 5.0]], delta=0.25, single=40.0), [10.0])
+    assert metrics.knn_radii(None).shape == (0,)
 
 
 def test_large_matching_is_fast_and_consistent():

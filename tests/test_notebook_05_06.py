@@ -166,6 +166,26 @@ def test_notebook_05_toys_are_stated_as_computed():
     assert metrics.match_points(pred_pts, true_pts, 6.0, method="hungarian").tp == 2
 
 
+def test_notebook_05_measured_game_gap_is_true_on_shanghaitech(real_data_root):
+    """The two-GAME cell of notebook 05 states what the ground truth of ShanghaiTech's Part B test
+    image with the most heads among the 12 quick images scores against the head points; recomputed
+    here with the density maps computed afresh (no cache), so a change of kernels or regions shows."""
+    from helpers import data, density, metrics
+    from helpers.tools import evaluate
+
+    code = "\n".join(_code_cells(NOTEBOOK_05))
+    stated = re.search(r"measured: (\d+\.\d) on ShanghaiTech's (IMG_\d+)", code)
+    assert stated, "the check cell states its measurement"
+    records = evaluate.select_records("B", "test", real_data_root, 12)
+    record = max(records, key=lambda r: len(data.read_points(r.points_path)))
+    assert record.name == stated.group(2)
+    example = data.load_example(record)
+    gt = density.density_map(example.points, example.image.shape[:2])
+    gap = metrics.game(gt, example.points, 3, image_shape=gt.shape, truth_kind="points")
+    assert f"{gap:.1f}" == stated.group(1)
+    assert metrics.game(gt, gt, 3, truth_kind="density") == 0.0
+
+
 def test_points_figure_draws_greedy_and_one_to_one_matchings():
     """Notebook 05's toy figure: the matching method changes the matches drawn and the scores."""
     from helpers.viz import evaluation as viz_evaluation

@@ -182,8 +182,10 @@ class _Halves:
 
 
 @pytest.fixture()
-def scored(tmp_path):
+def scored(tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setenv("CROWD_CACHE", str(tmp_path / "cache"))  # evaluation caches true density maps
 
     from helpers.data import list_records
     from helpers.tools.synth import write_points_mat

@@ -1,5 +1,6 @@
 """Notebook 02's comparisons of the ground truth with the original recipe, and per-head geometry.
 
+* :func:`reference_density_map` -- the original MCNN/CSRNet recipe, one ``gaussian_filter`` per head;
 * :func:`local_geometry` -- per head: mean distance to the k nearest, local density, sigma;
 * :func:`truncated_support` -- the pixels where the renormalised map and the original differ;
 * :func:`resize_density_cv2` -- the original CSRNet downsampling (bicubic resize x 64), which only
@@ -25,6 +26,34 @@ from helpers.density import (
 )
 
 DEFAULT_PARAMS = DensityParams()
+
+
+def reference_density_map(points, sigmas, shape, truncate: float = 4.0) -> np.ndarray:
+    """The original (slow) MCNN/CSRNet recipe: one full-image ``gaussian_filter`` per head.
+
+    A float32 image with a single 1 at ``(int(y), int(x))`` is blurred with ``mode='constant'``
+    and the results are summed in float32: mass outside the image is lost. O(H W r) per head.
+
+    Inputs:
+    - points: float array (N, 2) of (x, y) pixels; sigmas: float array (N,), pixels
+    - shape: (H, W); truncate: float, radius in sigmas
+    Returns:
+    - density: float32 array (H, W)
+    """
+    from scipy.ndimage import gaussian_filter
+
+    pts = as_points(points)
+    height, width = int(shape[0]), int(shape[1])
+    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    keep = inside_image(pts, (height, width))
+    pts, sig = pts[keep], sig[keep]
+    out = np.zeros((height, width), dtype=np.float32)
+    delta = np.zeros((height, width), dtype=np.float32)
+    for x, y, s in zip(pts[:, 0].tolist(), pts[:, 1].tolist(), sig.tolist(), strict=True):
+        delta[int(y), int(x)] = 1.0
+        out += gaussian_filter(delta, s, mode="constant", truncate=truncate)
+        delta[int(y), int(x)] = 0.0
+    return out
 
 
 def local_geometry(points, params: DensityParams = DEFAULT_PARAMS) -> dict[str, np.ndarray]:

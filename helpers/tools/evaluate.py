@@ -13,14 +13,23 @@ positions ``(x, y)`` in image pixels. GAME needs the map, localization the point
 that returns ``None`` for one of them gets empty columns there.
 
 Per image (one CSV row): the true and predicted counts, the error ``pred - true`` and its absolute
-value, GAME(0..3) (:func:`helpers.metrics.game`), the crowd-size bucket of the true count
-(:data:`BUCKET_EDGES`), seconds, and for each matching radius ``r`` the matched heads ``tp_r``,
-false alarms ``fp_r`` and missed heads ``fn_r`` (:func:`helpers.metrics.match_points`).
+value, the crowd-size bucket of the true count (:data:`BUCKET_EDGES`), seconds, GAME(0..3)
+(:func:`helpers.metrics.game`) two ways, and matched heads ``tp``, false alarms ``fp`` and missed
+heads ``fn`` (:func:`helpers.metrics.match_points`) under two matching conventions:
+
+* ``game{L}``: against the ground-truth **density map** (the series' default adaptive kernels,
+  :class:`helpers.density.DensityParams`, read from the cache :mod:`helpers.tools.cache`), as the
+  field's code (CSRNet, C^3 Framework) computes GAME; ``game{L}_points``: against the number of
+  annotated heads in each region (Gaussians cross region borders, so the two differ).
+* ``tp_r{r}`` ...: within a fixed radius of ``r`` pixels; ``tp_p2p{delta}`` ...: P2PNet's per-head
+  thresholds, ``delta`` x the mean distance from the head to its 3 nearest annotated heads
+  (:func:`helpers.metrics.knn_radii`). A checkpoint's peaks are refined within their cell
+  (:class:`CheckpointPredictor`).
 
 Over the split (the summary): MAE, RMSE, mean relative error and bias
-(:func:`helpers.metrics.counting_summary`), the mean GAME(L) over images, precision / recall / F1
-at each radius summed over all heads (:class:`LocalizationAccumulator`) and their
-mean over the radii, and the MAE in each crowd-size bucket.
+(:func:`helpers.metrics.counting_summary`), the mean GAME(L) over images (``game`` and
+``game_points``), precision / recall / F1 summed over all heads (:class:`LocalizationAccumulator`)
+per radius and per delta, and the MAE in each crowd-size bucket; ``conventions`` says all this.
 
 **"MSE" in papers is our RMSE.** Crowd-counting papers print a column called MSE that holds
 ``sqrt(mean((pred - true)^2))``; the summary calls it ``rmse`` and says so in its ``note``.
@@ -66,6 +75,8 @@ from helpers.metrics import METHODS, Matching, match_points, scores_from_counts
 
 #: Matching radii (image pixels) for localization scores.
 DEFAULT_RADII = (4, 8, 16)
+#: P2PNet's per-head thresholds (Song et al., ICCV 2021): delta x the mean distance to 3 nearest heads.
+P2P_DELTAS = (0.5, 0.25)
 #: GAME levels reported: L = 0 (the count error) to 3 (an 8 x 8 grid of regions).
 GAME_LEVELS = (0, 1, 2, 3)
 #: Lower edges of the crowd-size buckets (true number of people in the image).
@@ -76,6 +87,15 @@ NOTE = (
     "rmse is the root mean squared count error, sqrt(mean((pred - true)^2)); crowd-counting "
     "papers print this number in a column called MSE."
 )
+
+CONVENTIONS = {
+    "game": "GAME(L) against the ground-truth density maps (adaptive kernels: sigma = 0.3 x mean "
+            "distance to the 3 nearest heads), as the field's code computes it",
+    "game_points": "point GAME(L): against the number of annotated heads in each region",
+    "per_radius": "one-to-one matching of predicted and annotated heads within r pixels",
+    "per_delta": "P2PNet's convention: one-to-one matching within delta x the mean distance from "
+                 "each annotated head to its 3 nearest annotated heads (one head: 16 px)",
+}
 
 Predictor = Callable[[np.ndarray], tuple[float, "np.ndarray | None", "np.ndarray | None"]]
 
@@ -102,6 +122,11 @@ def bucket_of(true_count: float, edges: Sequence[int] = BUCKET_EDGES) -> str:
 def _rkey(radius: float) -> str:
     """A radius as it appears in column names and JSON keys: 4.0 -> "4", 2.5 -> "2.5"."""
     return f"{float(radius):g}"
+
+
+def match_columns(radii: Iterable[float] = DEFAULT_RADII, deltas: Iterable[float] = P2P_DELTAS) -> list[str]:
+    """Suffixes of the tp/fp/fn columns: ``r4`` (within 4 px), ..., ``p2p0.5`` (P2PNet, delta 0.5)."""
+    return [f"r{_rkey(r)}" for r in radii] + [f"p2p{_rkey(d)}" for d in deltas]
 
 
 # --------------------------------------------------------------------------- results
@@ -236,9 +261,9 @@ def _check_output(out: Any) -> tuple[float, np.ndarray | None, np.ndarray | None
 
 
 def _score_image(name: str, true_points: np.ndarray, shape: tuple[int, int], count: float,
-                 density: np.ndarray | None, points: np.ndarray | None, acc, radii: tuple[float, ...],
-                 seconds: float, edges: Sequence[int]) -> dict[str, Any]:
-    """The CSV row of one image (and its matches added to the accumulator ``acc``)."""
+                 density: np.ndarray | None, points: np.ndarray | None, acc: LocalizationAccumulator,
+                 seconds: float, edges: Sequence[int], true_density: np.ndarray | None) -> dict[str, Any]:
+    """The CSV row of one image (its matches are added to ``acc`` when there are points)."""
     from helpers.metrics import game_levels
 
     true = int(len(true_points))
@@ -250,19 +275,14 @@ def _score_image(name: str, true_points: np.ndarray, shape: tuple[int, int], cou
         "abs_error": abs(count - true),
         "bucket": bucket_of(true, edges),
     }
-    if density is not None:
-        games = game_levels(density, true_points, GAME_LEVELS, image_shape=shape, truth_kind="points")
-        row.update({f"game{level}": games[level] for level in GAME_LEVELS})
-    else:
-        row.update({f"game{level}": float("nan") for level in GAME_LEVELS})
-    if points is not None and acc is not None:
-        matches = acc.add(points, true_points)
-        for r in radii:
-            m = matches[r]
-            row.update({f"tp_r{_rkey(r)}": m.tp, f"fp_r{_rkey(r)}": m.fp, f"fn_r{_rkey(r)}": m.fn})
-    else:
-        for r in radii:
-            row.update({f"{k}_r{_rkey(r)}": None for k in ("tp", "fp", "fn")})
+    for suffix, truth, kind in (("", true_density, "density"), ("_points", true_points, "points")):
+        games = {} if density is None or truth is None else game_levels(
+            density, truth, GAME_LEVELS, image_shape=shape, truth_kind=kind)
+        row.update({f"game{level}{suffix}": games.get(level, float("nan")) for level in GAME_LEVELS})
+    matches = acc.add(points, true_points) if points is not None else {}
+    for key in acc.columns:
+        m = matches.get(key)
+        row.update({f"{k}_{key}": None if m is None else getattr(m, k) for k in ("tp", "fp", "fn")})
     row["seconds"] = float(seconds)
     return row
 
@@ -273,32 +293,63 @@ class LocalizationAccumulator:
     The micro-average: every head weighs the same, so a crowded image counts more than a sparse
     one. ``acc = LocalizationAccumulator((4, 8, 16)); acc.add(pred_points, true_points)`` per
     image; ``acc.scores()`` gives ``{"precision", "recall", "f1"}`` (means over the radii),
-    ``"per_radius": {r: scores_from_counts(...)}`` and ``"images"``.
+    ``"per_radius": {r: scores_from_counts(...)}``, ``"per_delta": {delta: ...}`` (P2PNet's
+    per-head thresholds, :func:`helpers.metrics.knn_radii`) and ``"images"``.
     """
 
-    def __init__(self, radii: Iterable[float] = (4, 8, 16), method: str = "hungarian") -> None:
+    def __init__(self, radii: Iterable[float] = (4, 8, 16), method: str = "hungarian",
+                 deltas: Iterable[float] = P2P_DELTAS) -> None:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.radii = tuple(float(r) for r in radii)
+        self.deltas = tuple(float(d) for d in deltas)
         if not self.radii:
             raise ValueError("need at least one radius")
         self.method = method
         self.images = 0
-        self.counts = {r: [0, 0, 0] for r in self.radii}
+        self.columns = match_columns(self.radii, self.deltas)
+        self.counts = {key: [0, 0, 0] for key in self.columns}
 
-    def add(self, pred, true) -> dict[float, Matching]:
-        """Match one image's points at every radius and add the counts; returns the matchings."""
-        out = {r: match_points(pred, true, r, method=self.method) for r in self.radii}
-        for r, m in out.items():
-            self.counts[r] = [self.counts[r][0] + m.tp, self.counts[r][1] + m.fp, self.counts[r][2] + m.fn]
+    def add(self, pred, true) -> dict[str, Matching]:
+        """Match one image's points under every convention and add the counts.
+
+        Returns the matchings by column suffix (:func:`match_columns`: ``"r8"``, ``"p2p0.5"``).
+        """
+        from helpers.metrics import knn_radii
+
+        spacing = knn_radii(true, delta=1.0)  # d_n: mean distance to the 3 nearest heads
+        limits = [*self.radii, *(d * spacing for d in self.deltas)]
+        out = {key: match_points(pred, true, limit, method=self.method)
+               for key, limit in zip(self.columns, limits, strict=True)}
+        for key, m in out.items():
+            self.counts[key] = [self.counts[key][0] + m.tp, self.counts[key][1] + m.fp, self.counts[key][2] + m.fn]
         self.images += 1
         return out
 
     def scores(self) -> dict:
-        """Micro-averaged scores per radius, their means over radii, and ``images``."""
-        per = {r: scores_from_counts(*self.counts[r]) for r in self.radii}
+        """Micro-averaged scores per radius and per delta, the means over radii, and ``images``."""
+        per = {r: scores_from_counts(*self.counts[f"r{_rkey(r)}"]) for r in self.radii}
         means = {k: float(np.mean([s[k] for s in per.values()])) for k in ("precision", "recall", "f1")}
-        return {**means, "per_radius": per, "images": self.images}
+        per_delta = {d: scores_from_counts(*self.counts[f"p2p{_rkey(d)}"]) for d in self.deltas}
+        return {**means, "per_radius": per, "per_delta": per_delta, "images": self.images}
+
+
+def true_density(record, params=None) -> np.ndarray:
+    """The ground-truth map GAME is scored against: ``H x W`` float32 people per pixel.
+
+    ``params``: :class:`helpers.density.DensityParams` (default: the series' adaptive kernels).
+    Read from the HDF5 cache (:func:`helpers.tools.cache.load_density`, built on first use);
+    when the cache cannot be written, the same map is computed and not stored.
+    """
+    from helpers.density import DensityParams, compute_density
+    from helpers.errors import CacheError
+    from helpers.tools.cache import load_density
+
+    params = DensityParams() if params is None else params
+    try:
+        return load_density(record, params)
+    except CacheError:
+        return compute_density(record, params)
 
 
 def evaluate_predictor(
@@ -307,6 +358,8 @@ def evaluate_predictor(
     *,
     name: str = "model",
     radii: Iterable[float] = DEFAULT_RADII,
+    deltas: Iterable[float] = P2P_DELTAS,
+    density_fn: Callable[..., np.ndarray] = true_density,
     keep_maps: int = 0,
     keep_names: Collection[str] = (),
     on_image: Callable[[KeptImage], None] | None = None,
@@ -320,7 +373,10 @@ def evaluate_predictor(
     :func:`helpers.data.load_example`, so the true points follow the dataset's point policy).
     ``keep_maps``: keep the ``N`` best and ``N`` worst images for figures; ``keep_names``: keep
     these images too; ``on_image(kept)`` is called with every image (do not store them all).
-    ``settings``: extra facts copied into ``summary["settings"]``.
+    ``settings``: extra facts copied into ``summary["settings"]``. ``radii``: fixed matching
+    radii in pixels; ``deltas``: P2PNet's per-head thresholds; ``density_fn(record)``: the true
+    density map of a record for GAME (default :func:`true_density`; only called for
+    predictors that return a map).
     """
     from tqdm.auto import tqdm
 
@@ -329,7 +385,7 @@ def evaluate_predictor(
     radii = tuple(float(r) for r in radii)
     if not radii:
         raise ValueError("need at least one matching radius")
-    acc = LocalizationAccumulator(radii)
+    acc = LocalizationAccumulator(radii, deltas=deltas)
     keeper = _Keeper(keep_maps, keep_names)
     rows: list[dict[str, Any]] = []
     any_points = False
@@ -341,15 +397,16 @@ def evaluate_predictor(
         count, density, points = _check_output(predictor(image))
         seconds = time.perf_counter() - t0
         any_points = any_points or points is not None
-        row = _score_image(record.name, example.points, shape, count, density, points,
-                           acc if points is not None else None, radii, seconds, bucket_edges)
+        truth = density_fn(record) if density is not None else None
+        row = _score_image(record.name, example.points, shape, count, density, points, acc,
+                           seconds, bucket_edges, truth)
         rows.append(row)
         if on_image is not None or keeper.wants(record.name, row["abs_error"]):
             kept = KeptImage(record.name, image, example.points, density, points, row)
             keeper.add(kept)
             if on_image is not None:
                 on_image(kept)
-    summary = summarize(rows, radii, name=name, bucket_edges=bucket_edges,
+    summary = summarize(rows, radii, name=name, bucket_edges=bucket_edges, deltas=acc.deltas,
                         localization=acc.scores() if any_points else None)
     if settings:
         summary["settings"] = dict(settings)
@@ -357,14 +414,39 @@ def evaluate_predictor(
                             best=keeper.best(), worst=keeper.worst(), named=keeper.named)
 
 
+def _game_means(rows: Sequence[Mapping[str, Any]], suffix: str) -> dict[str, float] | None:
+    """Mean of the rows' ``game{L}{suffix}`` columns per level; None if any value is missing."""
+    means = {}
+    for level in GAME_LEVELS:
+        values = np.array([_num(r.get(f"game{level}{suffix}")) for r in rows], dtype=np.float64)
+        if not values.size or not np.isfinite(values).all():
+            return None
+        means[str(level)] = float(values.mean())
+    return means
+
+
+def _summed_scores(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any] | None:
+    """Scores of the rows' ``tp_{key}``, ``fp_{key}``, ``fn_{key}`` sums; None if any is missing."""
+    sums = []
+    for kind in ("tp", "fp", "fn"):
+        vals = [_num(r.get(f"{kind}_{key}")) for r in rows]
+        if not vals or not np.isfinite(vals).all():
+            return None
+        sums.append(int(sum(vals)))
+    return scores_from_counts(*sums)
+
+
 def summarize(rows: Sequence[Mapping[str, Any]], radii: Iterable[float] = DEFAULT_RADII, *,
               name: str = "model", bucket_edges: Sequence[int] = BUCKET_EDGES,
-              localization: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              localization: Mapping[str, Any] | None = None,
+              deltas: Iterable[float] = P2P_DELTAS) -> dict[str, Any]:
     """The dataset metrics of per-image rows (also works on rows read back from a CSV).
 
     ``localization``: precomputed :meth:`LocalizationAccumulator.scores`; by default the scores
-    are recomputed from the rows' ``tp_r/fp_r/fn_r`` columns (the same sums). Missing values
-    (NaN GAME, empty match counts) leave those metrics as None.
+    are recomputed from the rows' ``tp_r/fp_r/fn_r`` and ``tp_p2p...`` columns (the same sums).
+    Missing values (NaN GAME, empty match counts) leave those metrics as None. Rows of CSVs
+    written before the density-map GAME (``game{L}`` but no ``game{L}_points``) held point
+    GAME: it is read as ``game_points``.
     """
     from helpers.metrics import counting_summary
 
@@ -375,37 +457,28 @@ def summarize(rows: Sequence[Mapping[str, Any]], radii: Iterable[float] = DEFAUL
     out: dict[str, Any] = {"model": name, "images": counts["n"]}
     out.update({k: counts[k] for k in ("mae", "rmse", "mre", "n_mre", "bias", "mean_true", "mean_pred")})
 
-    games = {}
-    for level in GAME_LEVELS:
-        values = np.array([_num(r.get(f"game{level}")) for r in rows], dtype=np.float64)
-        games[str(level)] = float(values.mean()) if values.size and np.isfinite(values).all() else None
-    out["game"] = games if all(v is not None for v in games.values()) else None
+    legacy = bool(rows) and "game0" in rows[0] and "game0_points" not in rows[0]
+    out["game"] = None if legacy else _game_means(rows, "")
+    out["game_points"] = _game_means(rows, "" if legacy else "_points")
 
+    deltas = tuple(float(d) for d in deltas)
     if localization is None:
-        per = {}
-        for rad in radii:
-            sums = []
-            for kind in ("tp", "fp", "fn"):
-                vals = [_num(r.get(f"{kind}_r{_rkey(rad)}")) for r in rows]
-                sums.append(None if not vals or not np.isfinite(vals).all() else int(sum(vals)))
-            if any(s is None for s in sums):
-                per = None
-                break
-            per[rad] = scores_from_counts(*sums)
-        if per:
-            localization = {
-                "precision": float(np.mean([s["precision"] for s in per.values()])),
-                "recall": float(np.mean([s["recall"] for s in per.values()])),
-                "f1": float(np.mean([s["f1"] for s in per.values()])),
-                "per_radius": per,
-            }
+        per = {r: _summed_scores(rows, f"r{_rkey(r)}") for r in radii}
+        per_delta = {d: _summed_scores(rows, f"p2p{_rkey(d)}") for d in deltas}
+        if per and all(v is not None for v in per.values()):
+            localization = {k: float(np.mean([s[k] for s in per.values()])) for k in ("precision", "recall", "f1")}
+            localization["per_radius"] = per
+            localization["per_delta"] = per_delta if all(v is not None for v in per_delta.values()) else None
     if localization is not None:
+        per_delta = localization.get("per_delta")
         out["localization"] = {
             "radii": [float(r) for r in radii],
             "precision": float(localization["precision"]),
             "recall": float(localization["recall"]),
             "f1": float(localization["f1"]),
             "per_radius": {_rkey(r): dict(s) for r, s in localization["per_radius"].items()},
+            "deltas": list(deltas) if per_delta else None,
+            "per_delta": {_rkey(d): dict(s) for d, s in per_delta.items()} if per_delta else None,
         }
     else:
         out["localization"] = None
@@ -422,6 +495,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], radii: Iterable[float] = DEFAUL
     secs = secs[np.isfinite(secs)]
     out["seconds_per_image"] = float(secs.mean()) if secs.size else None
     out["note"] = NOTE
+    out["conventions"] = dict(CONVENTIONS)
     return out
 
 
@@ -459,14 +533,16 @@ class CheckpointPredictor:
     tiled only beyond 2.5 MP). The density is brought back to the original ``H x W`` with
     mass-preserving area resampling and the points are scaled back, so every metric is in the
     original image's pixels. ``threshold`` (people per 8 x 8 cell): head points are the local
-    maxima above it; None takes the ``round(count)`` strongest maxima.
+    maxima above it; None takes the ``round(count)`` strongest maxima. ``refine`` (default True)
+    moves each head point from its cell's centre to the mass-weighted centroid of the 3 x 3
+    cells around it (:func:`refined_points`): at stride 8 a centre is up to 4 px off per axis.
 
     Attributes: ``model`` (eval mode), ``info`` (:class:`helpers.tools.checkpoints.CheckpointInfo`),
-    ``device``, ``resize``, ``threshold``.
+    ``device``, ``resize``, ``threshold``, ``refine``.
     """
 
     def __init__(self, checkpoint: str | Path, *, device: Any = None, threshold: float | None = None,
-                 resize: float | None = None) -> None:
+                 resize: float | None = None, refine: bool = True) -> None:
         from helpers.tools.checkpoints import load_model
 
         self.device = config.pick_device(None if device is None else str(device))
@@ -476,13 +552,35 @@ class CheckpointPredictor:
             raise CrowdError(f"resize must be in (0, 4], got {factor}")
         self.resize = factor
         self.threshold = threshold
+        self.refine = bool(refine)
 
     def __call__(self, image: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         from helpers.predict import count
 
         pred = count(image, self.model, scale=self.info.scale, input_scale=self.resize,
                      device=self.device, threshold=self.threshold)
-        return pred.count, pred.density, np.asarray(pred.points, dtype=np.float64).reshape(-1, 2)
+        points = refined_points(pred, self.threshold) if self.refine else pred.points
+        return pred.count, pred.density, np.asarray(points, dtype=np.float64).reshape(-1, 2)
+
+
+def refined_points(pred, threshold: float | None = None) -> np.ndarray:
+    """The head points of a :class:`helpers.predict.Prediction`, refined within their cells.
+
+    The same peaks as ``pred.points`` (``threshold`` as given to :func:`helpers.predict.count`),
+    each moved to the mass-weighted centroid of its 3 x 3 cells (``refine=True`` of
+    :func:`helpers.metrics.find_peaks`), then mapped to the original image's pixels as
+    :func:`helpers.predict.prediction_from_cells` maps them. Returns float64 ``(M, 2)`` (x, y).
+    """
+    from helpers.metrics import find_peaks, peaks_by_count
+
+    cells, stride = pred.density_lowres, pred.stride
+    if threshold is None:
+        points = peaks_by_count(cells, stride=stride, refine=True)
+    else:
+        points = find_peaks(cells, float(threshold), stride=stride, refine=True)
+    (big_h, big_w), (h, w) = pred.image_shape, pred.model_shape or pred.image_shape
+    scale = np.array([big_w / w, big_h / h])
+    return np.minimum(points, [w - 0.5, h - 0.5]) * scale if len(points) else points
 
 
 def evaluate_checkpoint(
@@ -495,6 +593,7 @@ def evaluate_checkpoint(
     device: Any = None,
     radii: Iterable[float] = DEFAULT_RADII,
     threshold: float | None = None,
+    refine: bool = True,
     progress: bool = True,
     keep_maps: int = 0,
     keep_names: Collection[str] = (),
@@ -504,18 +603,19 @@ def evaluate_checkpoint(
     """Score a trained checkpoint on ``part``/``split`` (see :class:`CheckpointPredictor`).
 
     ``limit``: at most this many images, spread over the split (quick mode: 20). ``name``: the
-    model's name in tables (default ``<model_name> (<run folder>)``). The other arguments are
+    model's name in tables (default ``<model_name> (<run folder>)``). ``threshold``, ``refine``:
+    how head points are read off the map (:class:`CheckpointPredictor`). The other arguments are
     those of :func:`evaluate_predictor`. Raises :class:`CrowdError` for an unreadable checkpoint
     or a missing dataset.
     """
     records = select_records(part, split, root, limit)
-    predictor = CheckpointPredictor(checkpoint, device=device, threshold=threshold)
+    predictor = CheckpointPredictor(checkpoint, device=device, threshold=threshold, refine=refine)
     info = predictor.info
     path = Path(checkpoint)
     label = name or f"{info.model_name} ({path.parent.name or path.stem})"
     settings = {
         "checkpoint": str(path), "model_name": info.model_name, "epoch": info.epoch,
-        "resize": predictor.resize, "threshold": threshold, "part": str(part).upper(),
+        "resize": predictor.resize, "threshold": threshold, "refine": predictor.refine, "part": str(part).upper(),
         "split": split, "device": str(predictor.device),
     }
     result = evaluate_predictor(predictor, records, name=label, radii=radii, keep_maps=keep_maps,
@@ -723,7 +823,8 @@ def _summary_of(item: Any) -> Mapping[str, Any]:
 
 
 def results_table(results: Mapping[str, Any]) -> str:
-    """A Markdown table of several models: MAE, RMSE (papers' "MSE"), GAME(1..3), F1 at 8 px.
+    """A Markdown table: MAE, RMSE (papers' "MSE"), GAME(1..3) against the density ground truth,
+    point GAME(3), F1 within 8 px and with P2PNet's per-head thresholds (delta 0.5).
 
     When a summary says where its model comes from (``origin``, :func:`run_origin`), a "Trained"
     column says it, in bold for models the student did not train (shipped or demo).
@@ -733,15 +834,17 @@ def results_table(results: Mapping[str, Any]) -> str:
     :func:`helpers.tools.baselines.published_summaries`).
     """
     origins = any(_summary_of(item).get("origin") for item in results.values())
-    header = ("| Model | Images | MAE | RMSE (papers: \"MSE\") | GAME(1) | GAME(2) | GAME(3) | F1 @ 8 px |"
-              + (" Trained |" if origins else "") + "\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    header = ("| Model | Images | MAE | RMSE (papers: \"MSE\") | GAME(1), density GT | GAME(2), density GT "
+              "| GAME(3), density GT | point GAME(3) | F1 @ 8 px | F1 (P2PNet, δ=0.5) |"
+              + (" Trained |" if origins else "") + "\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
               + ("---|" if origins else ""))
     lines = [header]
     for model, item in results.items():
         s = _summary_of(item)
-        game = s.get("game") or {}
+        game, game_points = s.get("game") or {}, s.get("game_points") or {}
         loc = s.get("localization") or {}
         f1 = ((loc.get("per_radius") or {}).get("8") or {}).get("f1")
+        f1_p2p = ((loc.get("per_delta") or {}).get("0.5") or {}).get("f1")
         images = s.get("images")
         cells = [
             str(model).replace("|", "\\|"),
@@ -749,7 +852,9 @@ def results_table(results: Mapping[str, Any]) -> str:
             _fmt(s.get("mae")),
             _fmt(s.get("rmse")),
             *[_fmt(game.get(str(level))) for level in (1, 2, 3)],
+            _fmt(game_points.get("3")),
             _fmt(f1, 3),
+            _fmt(f1_p2p, 3),
         ]
         if origins:
             origin = ORIGINS.get(s.get("origin") or "", "")
@@ -771,9 +876,13 @@ def write_results(results: Mapping[str, Any], report_dir: str | Path | None = No
         + results_table(results)
         + "\nMAE and RMSE in people per image. RMSE is the root mean squared count error, the "
         "number papers print in their column called MSE. GAME(L): mean over images of the summed "
-        "absolute count error over a 2^L x 2^L grid. F1 @ 8 px: predicted heads matched one-to-one "
-        "to annotated heads within 8 pixels. Rows marked \"published\" are the papers' own numbers, "
-        "not reproduced here.\n"
+        "absolute count error over a 2^L x 2^L grid of regions; \"density GT\": the true count of a "
+        "region is the mass of the ground-truth density map in it (adaptive Gaussian kernels), as "
+        "the field's code computes GAME; \"point GAME\": the number of annotated heads in it "
+        "(larger, because a head's Gaussian spreads over region borders). F1 @ 8 px: predicted "
+        "heads matched one-to-one to annotated heads within 8 pixels; F1 (P2PNet, δ=0.5): within "
+        "0.5 x the mean distance from each head to its 3 nearest annotated heads (Song et al., "
+        "ICCV 2021). Rows marked \"published\" are the papers' own numbers, not reproduced here.\n"
     )
     md_path, json_path = folder / "results.md", folder / "results.json"
     write_text_atomic(md_path, md)
@@ -799,8 +908,9 @@ def default_csv_path(part: str, split: str, n_used: int, n_split: int, *,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``crowd evaluate``: score a trained checkpoint or a baseline on a split.
 
-    Prints one JSON object with MAE, RMSE, GAME(0-3), precision/recall/F1 at each matching radius
-    and the MAE per crowd-size bucket, and writes a per-image CSV and the JSON summary next to it.
+    Prints one JSON object with MAE, RMSE, GAME(0-3) against the density ground truth and against
+    point counts, precision/recall/F1 at each matching radius and with P2PNet's per-head
+    thresholds, and the MAE per crowd-size bucket; writes a per-image CSV and the JSON summary.
     Crowd-counting papers call the RMSE 'MSE' (it is the root of the mean squared error).
     """
     what = p.add_mutually_exclusive_group(required=True)
@@ -822,6 +932,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the round(count) strongest maxima)")
     p.add_argument("--radii", type=float, nargs="+", default=list(DEFAULT_RADII),
                    help="matching radii in pixels (default 4 8 16)")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="head points at cell centres (default: refined to the centroid of the 3x3 cells)")
 
 
 def _baseline(kind: str, part: str, root: str | None):
@@ -849,7 +961,7 @@ def run(args: argparse.Namespace) -> int:
         if args.checkpoint is not None:
             result = evaluate_checkpoint(args.checkpoint, args.part, args.split, root=args.data_root,
                                          limit=args.limit, device=args.device, radii=args.radii,
-                                         threshold=args.threshold, progress=progress)
+                                         threshold=args.threshold, refine=args.refine, progress=progress)
         else:
             predictor, name, settings = _baseline(args.baseline, args.part, args.data_root)
             settings.update({"part": args.part, "split": args.split})
