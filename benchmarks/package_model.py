@@ -39,7 +39,7 @@ from helpers.tools.verify import sha256
 #: The largest shipped checkpoint allowed (bytes): the repository must stay small.
 MAX_BYTES = 2 * 1024 * 1024
 #: Checkpoint entries copied into the shipped file (besides a reduced config).
-KEEP_KEYS = ("format", "model", "model_name", "model_kwargs", "scale", "stride", "epoch", "step",
+KEEP_KEYS = ("format", "model", "model_name", "model_kwargs", "scale", "count_gain", "stride", "epoch", "step",
              "val_mae", "val_rmse", "best_val_mae")
 #: Settings that name this machine's folders or session: given by the command's own options.
 SESSION_SETTINGS = ("data_root", "out", "resume", "epochs", "max_minutes")
@@ -171,7 +171,7 @@ def manifest_entry(run_dir: Path, part: str, target: Path, ckpt: dict[str, Any],
         "checksum": ckpt.get("checksum"),
         "command": command or training_command(accuracy, part),
         "dataset": dataset_record(root), "seed": config.get("seed"),
-        "resize": cfg.get("resize"), "scale": ckpt["scale"],
+        "resize": cfg.get("resize"), "scale": ckpt["scale"], "count_gain": ckpt.get("count_gain", 1.0),
         "train_seconds": accuracy.get("train_seconds"), "epochs": accuracy.get("epochs_done"),
         "epochs_planned": accuracy.get("epochs_planned"), "stop_reason": accuracy.get("stop_reason"),
         "checkpoint_epoch": ckpt.get("epoch"),

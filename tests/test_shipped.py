@@ -50,7 +50,8 @@ def check_shipped_file(path: Path, entry: dict) -> None:
     assert isinstance(raw, dict) and raw["checksum"] == entry["checksum"] == content_checksum(raw)
     assert load_checkpoint(path)["checksum"] == entry["checksum"]  # verified on load
     model, info = load_model(path, device="cpu", expect_model="heatmap_cnn")
-    assert info.input_scale == entry["resize"] and info.scale == entry["scale"]
+    assert info.input_scale == entry["resize"]
+    assert info.scale == pytest.approx(entry["scale"] / entry.get("count_gain", 1.0), rel=1e-12)
     assert set(raw) >= {"model", "model_name", "model_kwargs", "scale", "config", "best_val_mae"}
     assert not {"optimizer", "rng", "data_root"} & set(raw)  # inference needs only the weights
 

@@ -302,6 +302,30 @@ def test_bn_recalibrated_run_resumes_exactly_and_saves_the_recalibrated_weights(
         train(_config(tmp_path / "bad", epochs=1, bn_recalibrate=-1))
 
 
+def test_count_calibration_fits_the_gain_on_fit_images_and_best_pt_applies_it(env, tmp_path):
+    """best.pt's count_gain is sum(true) / sum(pred) over the recalibration images (checked
+    independently), the loaded model's scale divides by it, and validation MAE uses it."""
+    from helpers.data import list_records, take_evenly
+    from helpers.samples import CrowdDataset
+    from helpers.tools.trainer import recalibrate_batchnorm
+
+    kw = {"ema_decay": 0.9, "bn_recalibrate": 4, "count_calibration": True, "epochs": 2}
+    result = train(_config(tmp_path / "cal", **kw))
+    best = load_checkpoint(result.best)
+    raw, info = load_model(result.best, device="cpu", expect_model="heatmap_cnn")
+    fit_images = CrowdDataset(take_evenly(list_records("B", "fit"), 4), "eval")
+    plain = core.evaluate_counts(recalibrate_batchnorm(raw, (fit_images[i][0][None] for i in range(4))),
+                                 fit_images, scale=best["scale"], device="cpu")
+    expected = sum(plain["true"]) / sum(plain["pred"])
+    assert best["count_gain"] == pytest.approx(expected, rel=1e-5) and best["count_gain"] != 1.0
+    assert info.scale == pytest.approx(best["scale"] / best["count_gain"], rel=1e-12)
+    val = CrowdDataset(list_records("B", "val"), "eval")
+    assert core.evaluate_counts(raw, val, scale=info.scale, device="cpu")["mae"] == pytest.approx(
+        result.best_val_mae, rel=1e-5)
+    with pytest.raises(CrowdError, match="bn-recalibrate"):
+        train(_config(tmp_path / "bad", epochs=1, count_calibration=True))
+
+
 def test_early_stopping_and_best_epoch(env, tmp_path, monkeypatch):
     maes = iter([5.0, 4.0, 4.5, 4.2, 3.0, 2.0])
 

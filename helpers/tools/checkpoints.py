@@ -215,6 +215,8 @@ class CheckpointInfo:
     """What :func:`load_model` found besides the weights.
 
     Divide the model's output by ``scale`` to get people per output cell (the sum is the count).
+    ``scale`` is the training scale divided by the checkpoint's ``count_gain`` (1 unless the run
+    used ``count_calibration``, :func:`helpers.tools.trainer.count_gain`).
     """
 
     path: Path
@@ -341,7 +343,7 @@ def load_model(
         path=path,
         model_name=name,
         model_kwargs=kwargs,
-        scale=float(ckpt.get("scale", 1.0)),
+        scale=float(ckpt.get("scale", 1.0)) / float(ckpt.get("count_gain", 1.0)),  # see trainer.count_gain
         epoch=ckpt.get("epoch"),
         step=ckpt.get("step"),
         best_val_mae=None if best is None else float(best),

@@ -61,7 +61,7 @@ RUN_IDENTITY = (
     "density_method", "density_sigma", "optimizer", "lr", "momentum", "weight_decay", "scheduler",
     "warmup_epochs", "min_lr_ratio", "plateau_factor", "plateau_patience", "scale", "loss",
     "reduction", "loss_kwargs", "count_loss_weight", "grad_clip", "seed", "val_every", "max_fit", "max_val", "amp",
-    "channels_last", "ema_decay", "bn_recalibrate", "init",
+    "channels_last", "ema_decay", "bn_recalibrate", "count_calibration", "init",
 )  # fmt: skip
 
 
@@ -86,7 +86,9 @@ class TrainConfig:
     points, :mod:`helpers.losses`, with ``loss_kwargs`` such as ``sigma``); ``reduction`` mean | sum
     of the MSE; ``count_loss_weight`` (MSE only); ``grad_clip`` (max gradient norm, 0 = off); ``ema_decay`` (weight
     averaging for validation and ``best.pt``, 0 = off); ``bn_recalibrate`` (BatchNorm
-    statistics recomputed on that many whole fit images before each validation, 0 = off); ``patience`` (stop after
+    statistics recomputed on that many whole fit images before each validation, 0 = off);
+    ``count_calibration`` (then also fit one gain, true / predicted people summed over those fit
+    images, that validation and ``best.pt`` apply to every count; needs ``bn_recalibrate``); ``patience`` (stop after
     that many epochs without a better validation MAE, 0 = never); ``val_every`` (epochs).
 
     Fine-tuning: ``init`` is a checkpoint (``best.pt``, a shipped model) whose weights a new run
@@ -136,6 +138,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     ema_decay: float = 0.0
     bn_recalibrate: int = 0
+    count_calibration: bool = False
     seed: int = 0
     patience: int = 0
     val_every: int = 1
@@ -193,6 +196,8 @@ class TrainConfig:
             (c.grad_clip >= 0, f"--grad-clip must be >= 0 (0 = off), got {c.grad_clip}"),
             (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 = off), got {c.ema_decay}"),
             (c.bn_recalibrate >= 0, f"--bn-recalibrate must be >= 0 images (0 = off), got {c.bn_recalibrate}"),
+            (not c.count_calibration or c.bn_recalibrate > 0,
+             "--count-calibration fits its gain on the --bn-recalibrate images: give --bn-recalibrate N (e.g. 64)"),
             (c.patience >= 0, f"--patience must be >= 0 (0 = off), got {c.patience}"),
             (c.val_every >= 1, f"--val-every must be >= 1, got {c.val_every}"),
             (c.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {c.checkpoint_every}"),
@@ -539,6 +544,18 @@ def recalibrate_batchnorm(model: nn.Module, images, *, channels_last: bool = Fal
     return fresh.eval()
 
 
+def count_gain(counts: dict[str, Any]) -> float:
+    """The factor that makes predicted counts sum to the true ones: ``sum(true) / sum(pred)``.
+
+    ``counts``: :func:`helpers.train.evaluate_counts` of whole fit images. BatchNorm statistics
+    move every cell of a whole image a little, so counts (sums of thousands of cells) can be off
+    by the same factor on every image; this gain, fitted on training images only, removes it.
+    1.0 when nothing was predicted or nobody is annotated (no gain can be fitted).
+    """
+    pred, true = float(np.sum(counts["pred"])), float(np.sum(counts["true"]))
+    return true / pred if pred > 0 and true > 0 and math.isfinite(pred) else 1.0
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -763,7 +780,8 @@ class _Run:
         _barrier(self.d)
 
     def _save_best(self, weights: nn.Module | None, epoch: int, mae: float, rmse: float) -> None:
-        """Write ``best.pt``: the validated weights (rank 0 only) of ``epoch`` and their scores."""
+        """Write ``best.pt``: the validated weights (rank 0 only) of ``epoch``, their count gain
+        (:meth:`_validate`; predictions are divided by ``scale / count_gain``) and their scores."""
         from helpers.tools.checkpoints import save_checkpoint
 
         _check_finite_params(self.model)
@@ -771,7 +789,7 @@ class _Run:
             save_checkpoint(self.best_path, {
                 "format": CHECKPOINT_FORMAT, "model": weights.state_dict(), "model_name": self.cfg.model,
                 "model_kwargs": _saved_kwargs(self.cfg), "scale": float(self.cfg.scale),
-                "stride": int(self.model.output_stride), "epoch": epoch,
+                "count_gain": self.count_gain, "stride": int(self.model.output_stride), "epoch": epoch,
                 "batch_in_epoch": self.state.batch_in_epoch, "step": self.state.step,
                 "val_mae": mae, "val_rmse": rmse, "best_val_mae": mae, "config": self.cfg.to_dict(),
                 "data_root": self.root,
@@ -781,19 +799,24 @@ class _Run:
         """Validate the weights to keep (rank 0) and share the scores with every process.
 
         The weights are the average's with ``ema_decay``, recalibrated on whole fit images with
-        ``bn_recalibrate``. Returns ``(mae, rmse, weights)`` (weights None on other ranks); the
-        random generators are left as they were, so validating never changes the training.
+        ``bn_recalibrate``; with ``count_calibration`` their counts are multiplied by
+        ``self.count_gain`` = true / predicted people summed over those fit images (1 otherwise).
+        Returns ``(mae, rmse, weights)`` (weights None on other ranks); the random generators are
+        left as they were, so validating never changes the training.
         """
         rng = _rng_state()
-        weights, mae, rmse = None, float("nan"), float("nan")
+        weights, mae, rmse, self.count_gain = None, float("nan"), float("nan"), 1.0
         if self.d.main:
             weights = self.ema_model if self.ema_model is not None else self.model
             if self.recal_set is not None:
                 images = (self.recal_set[i][0][None] for i in range(len(self.recal_set)))
                 weights = recalibrate_batchnorm(weights, images, channels_last=self.channels_last,
                                                 amp=self.use_amp)
-            metrics = evaluate_counts(weights, self.val_set, scale=self.cfg.scale, device=self.device,
-                                      amp=self.use_amp)
+            if self.cfg.count_calibration:
+                self.count_gain = count_gain(evaluate_counts(weights, self.recal_set, scale=self.cfg.scale,
+                                                             device=self.device, amp=self.use_amp))
+            metrics = evaluate_counts(weights, self.val_set, scale=self.cfg.scale / self.count_gain,
+                                      device=self.device, amp=self.use_amp)
             mae, rmse = metrics["mae"], metrics["rmse"]
         mae, rmse = _broadcast_floats([mae, rmse], self.d)
         _set_rng_state(rng)
@@ -1136,6 +1159,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--ema-decay", type=float, help="validate and keep an average of the weights, e.g. 0.99; 0 = off (default)")
     a("--bn-recalibrate", type=int, metavar="N",
       help="recompute BatchNorm statistics on N whole fit images before each validation; 0 = off (default)")
+    a("--count-calibration", dest="count_calibration", action="store_const", const=True,
+      help="also fit one count gain on those N fit images (true / predicted people); validation and "
+      "best.pt use it (default off)")
     a("--seed", type=int, help="random seed (default 0)")
     a("--patience", type=int, help="early stopping after N epochs without improvement, 0 = off")
     a("--val-every", type=int, help="validate every N epochs (default 1)")
