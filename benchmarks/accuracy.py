@@ -4,6 +4,8 @@
 
     python benchmarks/accuracy.py --part B --minutes 25 --threads 1 --fit-epochs   # runs/accuracy_B/
     python benchmarks/accuracy.py --part B --minutes 4 --set lr=5e-4 --out runs/acc_try
+    python benchmarks/accuracy.py --part B --minutes 25 --threads 1 --fit-epochs --seeds 0 1 2   # OUT/seed_N
+    python benchmarks/accuracy.py --summary runs/accuracy_B/seed_0 runs/accuracy_B/seed_1  # mean, spread
 
 1. Trains HeatmapCNN from random init with :func:`helpers.tools.recipes.recommended_config` (full
    mode) and a hard budget ``max_minutes`` (:mod:`helpers.tools.trainer`). ``epochs`` is the recipe's
@@ -162,7 +164,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-only", action="store_true", help="skip training; evaluate OUT/best.pt")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often "
                    "much faster on a machine shared with other jobs)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train one run per seed, one after the other, in OUT/seed_<SEED>, then print the summary")
+    p.add_argument("--summary", nargs="+", metavar="RUN",
+                   help="no training: print each run's numbers (its accuracy.json) and their mean and spread")
     return p
+
+
+def summarize(runs: list[Path]) -> dict[str, Any]:
+    """Each run's validation and test numbers (from its ``accuracy.json``) and, over the runs, the
+    mean, sample standard deviation and range of the validation and test MAE and of the test bias."""
+    rows = []
+    for run in runs:
+        path = Path(run) / "accuracy.json"
+        if not path.is_file():
+            raise CrowdError(f"{path} is missing: {run} is not a finished run of benchmarks/accuracy.py.")
+        r = json.loads(path.read_text(encoding="utf-8"))
+        s = r.get("settings", {})
+        loss = "mse" if s.get("loss", "mse") in ("mean", "sum") else s["loss"]  # runs before --reduction
+        rows.append({"run": str(run), "part": r["part"], "seed": s.get("seed"), "loss": loss,
+                     "epochs": f"{r.get('epochs_done')}/{r.get('epochs_planned')}", "best_epoch": r.get("best_epoch"),
+                     **{k: r[k] for k in ("val_mae", "val_bias", "test_mae", "test_rmse", "test_bias")}})
+        print(f"{run}: part {r['part']} seed {s.get('seed')} loss {loss}, epochs "
+              f"{rows[-1]['epochs']} (best {r.get('best_epoch')}): val MAE {r['val_mae']:.2f} "
+              f"(bias {r['val_bias']:+.2f}), test MAE {r['test_mae']:.2f} RMSE {r['test_rmse']:.2f} "
+              f"(bias {r['test_bias']:+.2f})")
+    out: dict[str, Any] = {"runs": rows}
+    for key in ("val_mae", "test_mae", "test_bias"):
+        values = [row[key] for row in rows]
+        out[key] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "min": min(values), "max": max(values)}
+        print(f"{key}: mean {out[key]['mean']:.2f}, standard deviation {out[key]['std']:.2f}, "
+              f"range {out[key]['min']:.2f} to {out[key]['max']:.2f} over {len(values)} runs")
+    print(json.dumps(out))
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,7 +300,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        if args.summary:
+            summarize([Path(r) for r in args.summary])
+        elif args.seeds:
+            base = Path(args.out) if args.out else settings.runs_root() / f"accuracy_{str(args.part).upper()}"
+            for seed in args.seeds:
+                run(argparse.Namespace(**{**vars(args), "out": str(base / f"seed_{seed}"),
+                                          "set": [*args.set, ("seed", seed)]}))
+            summarize([base / f"seed_{seed}" for seed in args.seeds])
+        else:
+            run(args)
     except CrowdError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
