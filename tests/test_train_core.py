@@ -206,7 +206,7 @@ def test_config_to_argv_round_trips_every_option(tmp_path):
         lr=1e-7, momentum=0.9, weight_decay=1e-4, scheduler="plateau", warmup_epochs=0.5,
         min_lr_ratio=0.05, plateau_factor=0.2, plateau_patience=2, scale=1.0, loss="bayesian",
         reduction="sum", loss_kwargs={"sigma": 3.0, "background": 0.5}, count_loss_weight=0.01,
-        grad_clip=0.0, ema_decay=0.99, bn_recalibrate=4, seed=3, patience=5,
+        grad_clip=0.0, ema_decay=0.99, bn_recalibrate=4, count_calibration=True, seed=3, patience=5,
         init=str(tmp_path / "base" / "best.pt"),
         val_every=2, max_fit=10, max_val=3, out=str(tmp_path / "run"), resume=True,
         checkpoint_every=7, device="cpu", workers=1, cache_in_memory=True, amp=False,

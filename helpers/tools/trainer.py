@@ -888,7 +888,8 @@ class _Run:
         self.epoch_t0 = time.perf_counter() - state.epoch_seconds
         self.loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * cfg.batch_size)
         bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch, unit="batch",
-                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.d.main)
+                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.d.main,
+                   mininterval=1.0)  # few updates: a notebook receives every one as a message
         with bar:
             for images, targets in self.loader:
                 images = images.to(self.device, non_blocking=True)
