@@ -239,7 +239,7 @@ def predict_tiles(model, image: np.ndarray, tile: int, margin: int, stride: int 
 def prediction_from_cells(cells: np.ndarray, scale: float, image_shape: Sequence[int],
                           model_shape: Sequence[int], stride: int = DEFAULT_STRIDE,
                           threshold: float | None = None, n_tiles: int = 1, seconds: float = 0.0,
-                          input_scale: float = 1.0) -> Prediction:
+                          input_scale: float = 1.0, refine: bool = False) -> Prediction:
     """Turn the network's cell map into a :class:`Prediction`: divide by the scale, find heads.
 
     Inputs:
@@ -249,6 +249,7 @@ def prediction_from_cells(cells: np.ndarray, scale: float, image_shape: Sequence
     - stride: int s, pixels per cell side of the resized image
     - threshold: None = the round(count) strongest local maxima are heads (metrics.peaks_by_count);
       a number = every local maximum above it, people per cell (metrics.find_peaks)
+    - refine: bool, each head at the mass-weighted centroid of its 3 x 3 cells, not a cell centre
     - n_tiles, seconds, input_scale: recorded in the result
 
     Returns:
@@ -261,9 +262,9 @@ def prediction_from_cells(cells: np.ndarray, scale: float, image_shape: Sequence
                          "broken (a diverged training run). Use another checkpoint.")
     lowres = (np.asarray(cells) / scale).astype(np.float32)
     if threshold is None:
-        points = peaks_by_count(lowres, stride=stride)
+        points = peaks_by_count(lowres, stride=stride, refine=refine)
     else:
-        points = find_peaks(lowres, float(threshold), stride=stride)
+        points = find_peaks(lowres, float(threshold), stride=stride, refine=refine)
     (big_h, big_w), (h, w) = image_shape[:2], model_shape[:2]
     if len(points):  # a cell cut by the image border may have its centre outside the image
         points[:, 0] = np.minimum(points[:, 0], w - 0.5) * (big_w / w)
@@ -276,7 +277,7 @@ def prediction_from_cells(cells: np.ndarray, scale: float, image_shape: Sequence
 
 def count(image: Any, model, *, scale: float | None = None, input_scale: float | None = None,
           device: Any = None, tile: int | None = None, margin: int | None = None,
-          threshold: float | None = None, max_pixels: int = MAX_PIXELS,
+          threshold: float | None = None, refine: bool = False, max_pixels: int = MAX_PIXELS,
           progress: bool = False) -> Prediction:
     """Predict the number of people in one image (the method: module docstring).
 
@@ -288,9 +289,8 @@ def count(image: Any, model, *, scale: float | None = None, input_scale: float |
     - device: where to run (the model is moved there); default where its parameters are
     - tile: None = tiles of DEFAULT_TILE above AUTO_TILE_PIXELS, 0 = whole image, N = tiles of N px
     - margin: context pixels around each tile, default :func:`context_margin` (exact tiles)
-    - threshold: how heads are picked (:func:`prediction_from_cells`)
+    - threshold, refine: how heads are picked and placed (:func:`prediction_from_cells`)
     - max_pixels: int, larger images are refused; progress: bool, a progress bar over the tiles
-
     Returns:
     - prediction: :class:`Prediction` (count, cell map, head points, ...)
     """
@@ -326,4 +326,4 @@ def count(image: Any, model, *, scale: float | None = None, input_scale: float |
     finally:
         model.train(was_training)
     return prediction_from_cells(cells, scale, rgb.shape[:2], (h, w), stride, threshold, n_tiles,
-                                 time.perf_counter() - t0, input_scale)
+                                 time.perf_counter() - t0, input_scale, refine)

@@ -535,7 +535,8 @@ class CheckpointPredictor:
     original image's pixels. ``threshold`` (people per 8 x 8 cell): head points are the local
     maxima above it; None takes the ``round(count)`` strongest maxima. ``refine`` (default True)
     moves each head point from its cell's centre to the mass-weighted centroid of the 3 x 3
-    cells around it (:func:`refined_points`): at stride 8 a centre is up to 4 px off per axis.
+    cells around it (``refine`` of :func:`helpers.predict.count`): at stride 8 a centre is up to 4
+    px off per axis.
 
     Attributes: ``model`` (eval mode), ``info`` (:class:`helpers.tools.checkpoints.CheckpointInfo`),
     ``device``, ``resize``, ``threshold``, ``refine``.
@@ -558,29 +559,8 @@ class CheckpointPredictor:
         from helpers.predict import count
 
         pred = count(image, self.model, scale=self.info.scale, input_scale=self.resize,
-                     device=self.device, threshold=self.threshold)
-        points = refined_points(pred, self.threshold) if self.refine else pred.points
-        return pred.count, pred.density, np.asarray(points, dtype=np.float64).reshape(-1, 2)
-
-
-def refined_points(pred, threshold: float | None = None) -> np.ndarray:
-    """The head points of a :class:`helpers.predict.Prediction`, refined within their cells.
-
-    The same peaks as ``pred.points`` (``threshold`` as given to :func:`helpers.predict.count`),
-    each moved to the mass-weighted centroid of its 3 x 3 cells (``refine=True`` of
-    :func:`helpers.metrics.find_peaks`), then mapped to the original image's pixels as
-    :func:`helpers.predict.prediction_from_cells` maps them. Returns float64 ``(M, 2)`` (x, y).
-    """
-    from helpers.metrics import find_peaks, peaks_by_count
-
-    cells, stride = pred.density_lowres, pred.stride
-    if threshold is None:
-        points = peaks_by_count(cells, stride=stride, refine=True)
-    else:
-        points = find_peaks(cells, float(threshold), stride=stride, refine=True)
-    (big_h, big_w), (h, w) = pred.image_shape, pred.model_shape or pred.image_shape
-    scale = np.array([big_w / w, big_h / h])
-    return np.minimum(points, [w - 0.5, h - 0.5]) * scale if len(points) else points
+                     device=self.device, threshold=self.threshold, refine=self.refine)
+        return pred.count, pred.density, np.asarray(pred.points, dtype=np.float64).reshape(-1, 2)
 
 
 def evaluate_checkpoint(
