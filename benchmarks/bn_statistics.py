@@ -55,19 +55,13 @@ def pooled_statistics(model, images):
 
 
 def crop_statistics(model, train_set, batches: int = 100, batch_size: int = 4):
-    """A copy of ``model`` whose BatchNorm statistics average ``batches`` batches of training crops."""
-    fresh = copy.deepcopy(model)
-    for m in fresh.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    fresh.train()
+    """A copy of ``model`` whose BatchNorm statistics average ``batches`` batches of training crops
+    (:func:`helpers.tools.trainer.recalibrate_batchnorm`, fed batches instead of whole images)."""
+    from helpers.tools.trainer import recalibrate_batchnorm
+
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _ in range(batches):
-            picks = torch.randint(len(train_set), (batch_size,), generator=g).tolist()
-            fresh(torch.stack([train_set[i][0] for i in picks]))
-    return fresh.eval()
+    picks = (torch.randint(len(train_set), (batch_size,), generator=g).tolist() for _ in range(batches))
+    return recalibrate_batchnorm(model, (torch.stack([train_set[i][0] for i in p]) for p in picks))
 
 
 def main(argv=None) -> int:

@@ -779,7 +779,7 @@ class _Run:
             save_checkpoint(self.last_path, ckpt)
         _barrier(self.d)
 
-    def _save_best(self, weights: nn.Module | None, epoch: int, mae: float, rmse: float) -> None:
+    def _save_best(self, weights: nn.Module | None, gain: float, epoch: int, mae: float, rmse: float) -> None:
         """Write ``best.pt``: the validated weights (rank 0 only) of ``epoch``, their count gain
         (:meth:`_validate`; predictions are divided by ``scale / count_gain``) and their scores."""
         from helpers.tools.checkpoints import save_checkpoint
@@ -789,7 +789,7 @@ class _Run:
             save_checkpoint(self.best_path, {
                 "format": CHECKPOINT_FORMAT, "model": weights.state_dict(), "model_name": self.cfg.model,
                 "model_kwargs": _saved_kwargs(self.cfg), "scale": float(self.cfg.scale),
-                "count_gain": self.count_gain, "stride": int(self.model.output_stride), "epoch": epoch,
+                "count_gain": gain, "stride": int(self.model.output_stride), "epoch": epoch,
                 "batch_in_epoch": self.state.batch_in_epoch, "step": self.state.step,
                 "val_mae": mae, "val_rmse": rmse, "best_val_mae": mae, "config": self.cfg.to_dict(),
                 "data_root": self.root,
@@ -799,13 +799,13 @@ class _Run:
         """Validate the weights to keep (rank 0) and share the scores with every process.
 
         The weights are the average's with ``ema_decay``, recalibrated on whole fit images with
-        ``bn_recalibrate``; with ``count_calibration`` their counts are multiplied by
-        ``self.count_gain`` = true / predicted people summed over those fit images (1 otherwise).
-        Returns ``(mae, rmse, weights)`` (weights None on other ranks); the random generators are
-        left as they were, so validating never changes the training.
+        ``bn_recalibrate``; with ``count_calibration`` their counts are multiplied by ``gain`` =
+        true / predicted people summed over those fit images (1 otherwise). Returns ``(mae, rmse,
+        weights, gain)`` (weights None on other ranks); the random generators are left as they
+        were, so validating never changes the training.
         """
         rng = _rng_state()
-        weights, mae, rmse, self.count_gain = None, float("nan"), float("nan"), 1.0
+        weights, mae, rmse, gain = None, float("nan"), float("nan"), 1.0
         if self.d.main:
             weights = self.ema_model if self.ema_model is not None else self.model
             if self.recal_set is not None:
@@ -813,15 +813,15 @@ class _Run:
                 weights = recalibrate_batchnorm(weights, images, channels_last=self.channels_last,
                                                 amp=self.use_amp)
             if self.cfg.count_calibration:
-                self.count_gain = count_gain(evaluate_counts(weights, self.recal_set, scale=self.cfg.scale,
-                                                             device=self.device, amp=self.use_amp))
-            metrics = evaluate_counts(weights, self.val_set, scale=self.cfg.scale / self.count_gain,
+                gain = count_gain(evaluate_counts(weights, self.recal_set, scale=self.cfg.scale,
+                                                  device=self.device, amp=self.use_amp))
+            metrics = evaluate_counts(weights, self.val_set, scale=self.cfg.scale / gain,
                                       device=self.device, amp=self.use_amp)
             mae, rmse = metrics["mae"], metrics["rmse"]
         mae, rmse = _broadcast_floats([mae, rmse], self.d)
         _set_rng_state(rng)
         self.net.train()
-        return mae, rmse, weights
+        return mae, rmse, weights, gain
 
     # ---- the loop
 
@@ -932,7 +932,7 @@ class _Run:
         cfg, state = self.cfg, self.state
         epoch = state.epoch + 1
         validate = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-        mae, rmse, weights = self._validate() if validate else (float("nan"), float("nan"), None)
+        mae, rmse, weights, gain = self._validate() if validate else (float("nan"), float("nan"), None, 1.0)
         if self.scheduler is not None and cfg.scheduler == "plateau" and validate:
             self.scheduler.step(mae)
         improved = validate and math.isfinite(mae) and mae < state.best_val_mae
@@ -949,7 +949,7 @@ class _Run:
         state.batch_in_epoch, state.epoch_loss_sum, state.epoch_batches, state.epoch_seconds = 0, 0.0, 0, 0.0
         state.stopped_early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
         if improved:
-            self._save_best(weights, epoch, mae, rmse)
+            self._save_best(weights, gain, epoch, mae, rmse)
         self._save_last()
         if self.d.main:
             self._report_epoch(row, validate, improved)
@@ -977,9 +977,10 @@ class _Run:
         label = state.epoch + 1 if partial else state.epoch  # the epoch of these weights
         need_val = partial or not state.history or not math.isfinite(float(state.history[-1]["val_mae"]))
         if need_val:
-            mae, rmse, weights = self._validate()
+            mae, rmse, weights, gain = self._validate()
         else:
-            mae, rmse, weights = float(state.history[-1]["val_mae"]), float(state.history[-1]["val_rmse"]), None
+            last = state.history[-1]  # already validated: nothing new to keep
+            mae, rmse, weights, gain = float(last["val_mae"]), float(last["val_rmse"]), None, 1.0
         improved = need_val and math.isfinite(mae) and mae < state.best_val_mae
         if improved:
             state.best_val_mae, state.best_epoch, state.epochs_since_best = mae, label, 0
@@ -988,7 +989,7 @@ class _Run:
         state.time_stop = {"epoch": label, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
                            "val_mae": mae, "val_rmse": rmse, "minutes": minutes, "improved": bool(improved)}
         if improved:
-            self._save_best(weights, label, mae, rmse)
+            self._save_best(weights, gain, label, mae, rmse)
         if partial:
             state.epoch_seconds = time.perf_counter() - self.epoch_t0
         self._save_last()
