@@ -48,28 +48,34 @@ RUN_FILES = ("last.pt", "best.pt", "history.csv", "config.json", "accuracy.json"
 
 
 
-def measure_speed(cfg, steps: int = 8) -> dict[str, float]:
+def measure_speed(cfg, steps: int = 8, heads: int = 0) -> dict[str, float]:
     """Seconds per training step (random crops of the configured size) and per validation image.
 
-    Model compute only, on random inputs: the in-memory cache makes data loading small next to it.
-    The fastest of ``steps`` steps (and of two validation passes) is taken: another job that
-    shares the CPU for a moment slows some steps down, never speeds one up.
+    Compute of the model and the loss on random inputs (a point loss gets ``heads`` random head
+    points per crop): the in-memory cache makes data loading small next to it. The fastest of
+    ``steps`` steps (and of two validation passes) is taken: another job that shares the CPU for
+    a moment slows some steps down, never speeds one up.
     """
     import torch
 
     from helpers.models import build_model
+    from helpers.tools.trainer import point_loss
     from helpers.train import train_step
 
     torch.manual_seed(0)
     model = build_model(cfg.model, **cfg.model_kwargs)
     opt = torch.optim.Adam(model.parameters(), lr=1e-6)
     x = torch.randn(cfg.batch_size, 3, cfg.crop, cfg.crop)
-    y = torch.rand(cfg.batch_size, 1, cfg.crop // 8, cfg.crop // 8)
+    loss_fn = point_loss(cfg)
+    if loss_fn is None:
+        y = torch.rand(cfg.batch_size, 1, cfg.crop // 8, cfg.crop // 8)
+    else:
+        y = [torch.rand(heads, 2) * cfg.crop for _ in range(cfg.batch_size)]
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         train_step(model, x, y, opt, scale=cfg.scale, reduction=cfg.reduction,
-                   count_weight=cfg.count_loss_weight, grad_clip=cfg.grad_clip)
+                   count_weight=cfg.count_loss_weight, grad_clip=cfg.grad_clip, loss_fn=loss_fn)
         if i:  # the first step warms up
             times.append(time.perf_counter() - t0)
     model.eval()
@@ -82,6 +88,22 @@ def measure_speed(cfg, steps: int = 8) -> dict[str, float]:
             val_times.append(time.perf_counter() - t0)
     val_image = min(val_times)
     return {"step_s": min(times), "val_image_s": val_image}
+
+
+def heads_per_crop(cfg, part: str, root: str, sample: int = 20) -> int:
+    """Typical head points in one training crop: the fit split's mean count x the crop's share of
+    a mean image at the recipe's resolution (sizes of ``sample`` images spread over the split)."""
+    import numpy as np
+
+    from helpers.data import list_records, read_image
+    from helpers.samples import CrowdDataset
+
+    records = list_records(part, "fit", root)
+    counts = CrowdDataset(records, "eval")
+    mean_count = float(np.mean([counts.true_count(i) for i in range(len(records))]))
+    picks = np.linspace(0, len(records) - 1, min(sample, len(records))).round().astype(int)
+    area = float(np.mean([np.prod(read_image(records[i].image_path).shape[:2]) for i in picks]))
+    return max(1, round(mean_count * min(1.0, cfg.crop**2 / (area * cfg.resize**2))))
 
 
 def count_errors(pred, true) -> dict[str, float]:
@@ -248,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_fit = len(list_records(part, "fit", root)) if cfg.max_fit is None else cfg.max_fit
         n_val = len(list_records(part, "val", root)) if cfg.max_val is None else cfg.max_val
         if args.epochs is None and args.fit_epochs:
-            speed = measure_speed(cfg)
+            speed = measure_speed(cfg, heads=heads_per_crop(cfg, part, root) if cfg.loss != "mse" else 0)
             # Compute of the model on random crops, plus the first epoch's loading of every image;
             # each validation also passes the recalibration images (twice with the count gain).
             whole_images = n_val + cfg.bn_recalibrate * (2 if cfg.count_calibration else 1)

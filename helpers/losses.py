@@ -51,28 +51,41 @@ def bayesian_loss(pred, points, stride=8, sigma=8.0, background=1.0):
     return total / b
 
 
-def sinkhorn(a, b, cost, eps, iters=100):
-    """Entropic optimal transport between histograms a and b, in the log domain.
+def sinkhorn(a, b, cost, eps, iters=100, absorb=1e15):
+    """Entropic optimal transport between histograms a and b: Sinkhorn's matrix scaling, stabilised.
 
-    g = -eps LSE_m(log a_m + (f_m - C_mn) / eps), f = -eps LSE_n(log b_n + (g_n - C_mn) / eps), in
-    turn (zero masses allowed); f is the gradient of the entropic cost w.r.t. a, up to a constant.
+    Alternates v = b / (K^T u), u = a / (K v) with K_mn = exp((alpha_m + beta_n - C_mn) / eps);
+    when u or v leaves [1 / absorb, absorb] it moves into the potentials (alpha += eps log u,
+    beta += eps log v, K recomputed), so an eps far below the costs neither over- nor underflows.
 
     Inputs:
     - a: float tensor (M,) >= 0, sum 1; b: float tensor (N,) >= 0, sum 1
     - cost: float tensor (M, N), C_mn the cost of moving unit mass from m to n
-    - eps: float > 0, entropic regularisation (units of cost)
-    - iters: int, Sinkhorn iterations
+    - eps: float > 0, entropic regularisation (units of cost); iters: int; absorb: float > 1
     Returns:
-    - plan: tensor (M, N), P_mn = a_m b_n exp((f_m + g_n - C_mn) / eps), rows sum to a
-    - f: tensor (M,), g: tensor (N,), the dual potentials (units of cost)
+    - plan: tensor (M, N), P_mn = a_m b_n exp((f_m + g_n - C_mn) / eps), rows sum to a exactly
+    - f: tensor (M,), g: tensor (N,), the potentials (units of cost) of the cost regularised by
+      KL(P | a b); f is the gradient of the entropic cost w.r.t. a, up to a constant
     """
-    kernel, log_a, log_b = -cost / eps, a.log(), b.log()
-    f, g = torch.zeros_like(a), torch.zeros_like(b)  # in units of eps inside the loop
-    for _ in range(iters):
-        g = -torch.logsumexp(kernel + (log_a + f)[:, None], dim=0)
-        f = -torch.logsumexp(kernel + (log_b + g)[None, :], dim=1)
-    plan = torch.exp(kernel + (log_a + f)[:, None] + (log_b + g)[None, :])
-    return plan, eps * f, eps * g
+    cost, rows, cols = cost.to(a.dtype), a > 0, b > 0
+    c = cost[rows][:, cols]  # the cells and heads that hold mass
+    alpha = c.min(dim=1).values  # c-transforms: every row and column of K then holds a 1
+    beta = (c - alpha[:, None]).min(dim=0).values
+    u, v = torch.ones_like(alpha), torch.ones_like(beta)
+    for i in range(iters):
+        if i == 0 or max(u.max(), v.max()) > absorb or min(u.min(), v.min()) < 1 / absorb:
+            alpha, beta = alpha + eps * u.log(), beta + eps * v.log()  # the first K, or absorb u, v
+            u, v = torch.ones_like(u), torch.ones_like(v)
+            kernel = torch.exp((alpha[:, None] + beta[None, :] - c) / eps)
+        v = b[cols] / (kernel.T @ u)
+        u = a[rows] / (kernel @ v)
+    log_a, log_b, g = a.log(), b.log(), torch.zeros_like(b)
+    g[cols] = beta + eps * (v.log() - log_b[cols])
+    f = -eps * torch.logsumexp(log_b[None, :] + (g[None, :] - cost) / eps, dim=1)  # rows exact
+    g_next = -eps * torch.logsumexp(log_a[:, None] + (f[:, None] - cost) / eps, dim=0)
+    g = torch.where(cols, g, g_next)  # empty columns: the next half-step
+    plan = torch.exp(log_a[:, None] + log_b[None, :] + (f[:, None] + g[None, :] - cost) / eps)
+    return plan, f, g
 
 
 def dm_count_loss(pred, points, stride=8, ot_weight=0.1, tv_weight=0.01, eps=10.0, iters=100):

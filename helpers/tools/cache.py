@@ -30,7 +30,8 @@ import numpy as np
 
 from helpers import config, data
 from helpers.density import METHODS, DensityParams, density_map, record_points
-from helpers.errors import AnnotationError, CacheError, CrowdError, ImageReadError, one_line
+from helpers.errors import AnnotationError, CacheError, CrowdError, ImageReadError
+from helpers.tools.messages import one_line
 
 #: Bump when the way maps are computed or stored changes: older cache files are then rebuilt.
 FORMAT_VERSION = 1

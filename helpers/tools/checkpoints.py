@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers.errors import CheckpointError, one_line
+from helpers.errors import CheckpointError
+from helpers.tools.messages import one_line
 
 #: Constructor arguments that only matter when a model is first created (ImageNet weights for the
 #: CSRNet frontend); a checkpoint holds all weights, so they are dropped when rebuilding.

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers.errors import CrowdError, one_line
+from helpers.errors import CrowdError
+from helpers.tools.messages import one_line
 
 #: Quantization engine used on x86 processors (oneDNN/FBGEMM kernels).
 ENGINE = "x86"
