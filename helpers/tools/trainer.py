@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -833,11 +834,17 @@ class _Run:
         state.stopped_early = bool(cfg.patience) and state.epochs_since_best >= cfg.patience
         self._announce()
         self.net.train()
-        while state.epoch < cfg.epochs and not state.stopped_early:
-            if self._time_is_up() or not self._run_epoch():
-                self._stop_for_time()
-                break
-            self._finish_epoch()
+        from tqdm.auto import tqdm
+
+        # one bar for the whole call: a notebook receives every bar (and update) as messages
+        with tqdm(total=cfg.epochs * self.steps_per_epoch, unit="batch", leave=False, mininterval=1.0,
+                  initial=min(state.epoch, cfg.epochs) * self.steps_per_epoch + state.batch_in_epoch,
+                  disable=not self.d.main) as self.bar:
+            while state.epoch < cfg.epochs and not state.stopped_early:
+                if self._time_is_up() or not self._run_epoch():
+                    self._stop_for_time()
+                    break
+                self._finish_epoch()
         _barrier(self.d)
         reason = state.stop_reason or ("patience" if state.stopped_early else "epochs")
         return TrainResult(out=self.out, last=self.last_path, best=self.best_path,
@@ -881,36 +888,32 @@ class _Run:
 
     def _run_epoch(self) -> bool:
         """Train the rest of the current epoch; False if the time budget ran out before its end."""
-        from tqdm.auto import tqdm
-
         cfg, state = self.cfg, self.state
         self.lr_used = float(self.optimizer.param_groups[0]["lr"])
         self.epoch_t0 = time.perf_counter() - state.epoch_seconds
         self.loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * cfg.batch_size)
-        bar = tqdm(total=self.steps_per_epoch, initial=state.batch_in_epoch, unit="batch",
-                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}", leave=False, disable=not self.d.main,
-                   mininterval=1.0)  # few updates: a notebook receives every one as a message
-        with bar:
-            for images, targets in self.loader:
-                images = images.to(self.device, non_blocking=True)
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                targets = (targets.to(self.device, non_blocking=True) if torch.is_tensor(targets)
-                           else [t.to(self.device) for t in targets])  # point targets: a list per batch
-                self.lr_used = float(self.optimizer.param_groups[0]["lr"])
-                loss = train_step(self.net, images, targets, self.optimizer, self.scaler,
-                                  scale=cfg.scale, reduction=cfg.reduction, count_weight=cfg.count_loss_weight,
-                                  grad_clip=cfg.grad_clip, amp=self.use_amp, loss_value_fn=self._loss_value,
-                                  loss_fn=self.loss_fn)
-                self._after_step(loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}")
-                mid_epoch = state.batch_in_epoch < self.steps_per_epoch
-                if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and mid_epoch:
-                    state.epoch_seconds = time.perf_counter() - self.epoch_t0
-                    self._save_last()
-                if mid_epoch and self._time_is_up():
-                    return False
+        bar = self.bar  # the run's progress bar (train())
+        bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
+        for images, targets in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = (targets.to(self.device, non_blocking=True) if torch.is_tensor(targets)
+                       else [t.to(self.device) for t in targets])  # point targets: a list per batch
+            self.lr_used = float(self.optimizer.param_groups[0]["lr"])
+            loss = train_step(self.net, images, targets, self.optimizer, self.scaler,
+                              scale=cfg.scale, reduction=cfg.reduction, count_weight=cfg.count_loss_weight,
+                              grad_clip=cfg.grad_clip, amp=self.use_amp, loss_value_fn=self._loss_value,
+                              loss_fn=self.loss_fn)
+            self._after_step(loss)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            bar.update(1)  # redraws at most once a second (mininterval)
+            mid_epoch = state.batch_in_epoch < self.steps_per_epoch
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and mid_epoch:
+                state.epoch_seconds = time.perf_counter() - self.epoch_t0
+                self._save_last()
+            if mid_epoch and self._time_is_up():
+                return False
         return True
 
     def _after_step(self, loss: float) -> None:
@@ -960,9 +963,9 @@ class _Run:
         cfg, state = self.cfg, self.state
         write_text_atomic(self.out / "history.csv", history_csv(state.history))
         val_text = f"val MAE {row['val_mae']:.2f} RMSE {row['val_rmse']:.2f}" if validated else "val -"
-        print(f"epoch {row['epoch']}/{cfg.epochs}  step {state.step}  loss {row['train_loss']:.4g}  "
-              f"{val_text}  lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *best" if improved else ""),
-              flush=True)
+        self.bar.write(f"epoch {row['epoch']}/{cfg.epochs}  step {state.step}  loss {row['train_loss']:.4g}  "
+                       f"{val_text}  lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *best" if improved else ""))
+        sys.stdout.flush()  # the line above the bar (tqdm.write), shown at once in a notebook
         if self.callback is not None:
             self.callback(dict(row))
         if state.stopped_early:
