@@ -806,7 +806,7 @@ PLAN: dict[str, NotebookPlan] = {p.number: p for p in (
     NotebookPlan("08", "nothing (03 introduces HeatmapCNN and its training)",
                  "the runs `runs/heatmap_cnn_<part>_loss_<mse|bayesian|dm_count>[_synthetic][_quick]`; "
                  "figures `08_*`",
-                 _times("about 2 min", "about 1.5 hours (25 min with MSE, up to 1.4x that per point loss)", "about 1 min",
+                 _times("about 70 s", "about 1.5 hours (25 min with MSE, up to 1.4x that per point loss)", "about 1 min",
                         "about 15 min",
                         cpu_measured=(True, False))),
 )}  # fmt: skip
