@@ -82,8 +82,9 @@ def sinkhorn(a, b, cost, eps, iters=100, absorb=1e15):
     log_a, log_b, g = a.log(), b.log(), torch.zeros_like(b)
     g[cols] = beta + eps * (v.log() - log_b[cols])
     f = -eps * torch.logsumexp(log_b[None, :] + (g[None, :] - cost) / eps, dim=1)  # rows exact
-    g_next = -eps * torch.logsumexp(log_a[:, None] + (f[:, None] - cost) / eps, dim=0)
-    g = torch.where(cols, g, g_next)  # empty columns: the next half-step
+    if not cols.all():  # empty columns: their potential is the next half-step
+        g_next = -eps * torch.logsumexp(log_a[:, None] + (f[:, None] - cost) / eps, dim=0)
+        g = torch.where(cols, g, g_next)
     plan = torch.exp(log_a[:, None] + log_b[None, :] + (f[:, None] + g[None, :] - cost) / eps)
     return plan, f, g
 

@@ -963,14 +963,18 @@ class _Run:
         cfg, state = self.cfg, self.state
         write_text_atomic(self.out / "history.csv", history_csv(state.history))
         val_text = f"val MAE {row['val_mae']:.2f} RMSE {row['val_rmse']:.2f}" if validated else "val -"
-        self.bar.write(f"epoch {row['epoch']}/{cfg.epochs}  step {state.step}  loss {row['train_loss']:.4g}  "
-                       f"{val_text}  lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *best" if improved else ""))
-        sys.stdout.flush()  # the line above the bar (tqdm.write), shown at once in a notebook
+        self._say(f"epoch {row['epoch']}/{cfg.epochs}  step {state.step}  loss {row['train_loss']:.4g}  "
+                  f"{val_text}  lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *best" if improved else ""))
         if self.callback is not None:
             self.callback(dict(row))
         if state.stopped_early:
-            print(f"early stopping: no better validation MAE for {cfg.patience} epochs "
-                  f"(best {state.best_val_mae:.2f} at epoch {state.best_epoch})")
+            self._say(f"early stopping: no better validation MAE for {cfg.patience} epochs "
+                      f"(best {state.best_val_mae:.2f} at epoch {state.best_epoch})")
+
+    def _say(self, text: str) -> None:
+        """Print a line while the run's progress bar is shown (above it, tqdm.write), at once."""
+        self.bar.write(text)
+        sys.stdout.flush()
 
     def _stop_for_time(self) -> None:
         """The budget is used: validate the weights reached (unless the last completed epoch
@@ -1000,8 +1004,8 @@ class _Run:
             where = (f"epoch {state.epoch + 1} batch {state.batch_in_epoch}/{self.steps_per_epoch}"
                      if partial else f"the end of epoch {state.epoch}")
             val_text = f"val MAE {mae:.2f} RMSE {rmse:.2f}" + ("  *best" if improved else "")
-            print(f"time budget of {cfg.max_minutes:g} min used ({minutes:.1f} min): stopped at {where}, "
-                  f"step {state.step}; {val_text}. Continue with --resume (resume=True).", flush=True)
+            self._say(f"time budget of {cfg.max_minutes:g} min used ({minutes:.1f} min): stopped at {where}, "
+                      f"step {state.step}; {val_text}. Continue with --resume (resume=True).")
 
 
 def _effective_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
